@@ -1,0 +1,487 @@
+"""GRPO: reinforcement learning with verifiable rewards, after a cold-start SFT.
+
+    python grpo.py                         # built-in: tiny model, cold start (sft.py) if needed, then GRPO, CPU
+    python grpo.py --init scratch          # GRPO from the untrained model: the cold-start problem
+    python grpo.py --model PATH --init PATH --data prompts.jsonl --device cuda --lr 1e-6 --out runs/qwen
+    torchrun --nproc_per_node=8 grpo.py ...   # (multi-process: see README)
+
+One step: sample num_prompts prompts -> G completions each (rollout.py) -> rewards (rewards.py),
+a weighted sum -> group advantages -> pi_old (and pi_ref) log-probs without grad -> num_iterations
+optimizer steps on the clipped surrogate (+ KL) -> metrics line (TRL names) -> checkpoint.
+
+Algorithmic choices (each a flag; the defaults and where they come from):
+1. Group-relative advantages, A_i = (R_i - mean_g R) / (std_g R + 1e-4), unbiased std over the G
+   samples of a prompt (DeepSeekMath / TRL). --scale-rewards batch uses the std of the whole batch;
+   none drops the division (Dr. GRPO, Liu et al. 2025: the std favours too-easy / too-hard prompts).
+   --advantage rloo: A_i = R_i - mean of the other G-1 rewards (Ahmadian et al. 2024).
+2. Token-level clipped surrogate, l = -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) with
+   eps_low = 0.2, eps_high = 0.28 (DAPO clip-higher, Yu et al. 2025); log rho clamped to +-20 (verl).
+   --importance-sampling-level sequence: GSPO (Zheng et al. 2025), one ratio per sequence,
+   exp(mean_t log rho), clipped per sequence (use eps ~3e-4 / 4e-4 with it).
+3. Loss aggregation --loss-type: dapo = sum of token losses / number of tokens in the batch (TRL's
+   default; DAPO's token-level loss), grpo = mean over sequences of the per-sequence token mean
+   (DeepSeekMath), dr_grpo = sum / (num sequences * max_new_tokens) (Dr. GRPO).
+4. KL to a frozen reference (--beta, default 0 as in TRL and DAPO/Dr. GRPO; DeepSeekMath used 0.04),
+   estimator k1 / k2 / k3 (k3 = exp(-x) + x - 1, x = log pi - log pi_ref; Schulman 2020). With beta = 0
+   no reference model is kept in memory at all.
+5. --num-iterations > 1 (PPO-style reuse of a rollout, "mu" in DeepSeekMath): pi_old log-probs are
+   computed once, without grad, right after the rollout, and held fixed across the iterations.
+6. DAPO options: --mask-truncated-completions (overlong filtering), --dynamic-sampling (drop groups
+   whose rewards are all equal, sample more until the batch is full or --max-resample rounds are
+   spent), --overlong-cache L (soft overlong punishment over the last L tokens).
+
+Why the loss is ~0 on-policy. With --num-iterations 1 the policy that sampled the batch is the
+policy being trained, so rho = pi_theta / pi_old = 1 exactly (old log-probs are the detached
+current ones), clipping never fires, and the loss value is sum(-A * 1 * mask) / norm. The advantages
+of each group are centred (they sum to ~0), so the loss is ~0 (exactly 0 with loss-type grpo and
+equal lengths). Its gradient is not zero: d rho / d theta = grad log pi, so the update is
+REINFORCE with the group mean as baseline. Watch reward, not loss; ratio and clip_ratio/* are logged
+so you can see when the trust region is actually doing something (num_iterations > 1).
+"""
+import copy
+import importlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import rewards
+import sft
+from model import (ShuffledCycle, check_text_or_messages, encode_prompt, load, load_state, parse_config,
+                   read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs, write_config)
+from rollout import Rollout, generate
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO with the Dr. GRPO / DAPO / GSPO switches."""
+    model: str = "tiny"            # base model: "tiny" (built in) or a local HF directory
+    init: str = "runs/sft"         # cold-start checkpoint to start from ("scratch" = the base model as is);
+                                   # the default is built by sft.py on first use
+    data: str = ""                 # JSONL with "prompt" + columns for the reward functions; empty = --task
+    task: str = "add"              # built-in task (rewards.TASKS)
+    out: str = "runs/grpo"
+    steps: int = 60
+    num_prompts: int = 16          # prompts per step
+    num_generations: int = 8       # G, completions per prompt
+    max_new_tokens: int = 48
+    max_prompt_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    lr: float = 1e-3               # right for the tiny model; ~1e-6 for a real 0.5B-7B model
+    warmup: int = 0
+    grad_clip: float = 1.0
+    reward_funcs: str = ""         # comma list of rewards.REWARD_FUNCS names or module:function;
+                                   # empty = the task's checker + format
+    reward_weights: str = ""       # comma list, same length; empty = 1.0 for the checker, 0.1 for format (TinyZero)
+    advantage: str = "grpo"        # grpo | rloo
+    scale_rewards: str = "group"   # group | batch | none (none = Dr. GRPO)
+    loss_type: str = "dapo"        # grpo | dapo | dr_grpo (see the README's name map)
+    epsilon_low: float = 0.2       # DAPO clip-higher: eps_low 0.2,
+    epsilon_high: float = 0.28     # eps_high 0.28
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    num_iterations: int = 1        # optimizer steps per rollout batch (mu)
+    beta: float = 0.0              # KL coefficient; 0 = no reference model
+    kl_estimator: str = "k3"       # k1 | k2 | k3
+    mask_truncated_completions: bool = False
+    dynamic_sampling: bool = False
+    max_resample: int = 3          # extra rollout rounds per step for dynamic sampling
+    overlong_cache: int = 0        # > 0: add DAPO's soft overlong punishment over the last N tokens
+    micro_batch: int = 64          # sequences per forward/backward (gradients accumulate)
+    eval_n: int = 500              # held-out problems, greedy, before/after (built-in task only)
+    eval_every: int = 20           # also every N steps, for the learning curve (0 = only before/after)
+    sample_every: int = 20         # print and log a few completions every N steps
+    save_every: int = 50
+    resume: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    threads: int = 2
+
+
+# -----------------------------------------------------------------------------
+# Rewards -> advantages
+
+def resolve_reward_funcs(cfg):
+    names = cfg.reward_funcs.split(",") if cfg.reward_funcs else (
+        ["countdown" if cfg.task == "countdown" and not cfg.data else "accuracy", "format"])
+    if cfg.overlong_cache > 0:
+        names.append("soft_overlong")
+    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else (
+        [0.1 if n == "format" else 1.0 for n in names])
+    if len(weights) != len(names):
+        raise ValueError(f"--reward-weights has {len(weights)} values for {len(names)} reward functions")
+    funcs = []
+    for n in names:
+        if n == "soft_overlong":
+            funcs.append(rewards.soft_overlong_punishment(cfg.max_new_tokens, cfg.overlong_cache))
+        elif ":" in n:  # a function of your own: --reward-funcs accuracy,my_rewards:length_bonus
+            mod, fn = n.split(":")
+            funcs.append(getattr(importlib.import_module(mod), fn))
+        elif n in rewards.REWARD_FUNCS:
+            funcs.append(rewards.REWARD_FUNCS[n])
+        else:
+            raise ValueError(f"unknown reward function {n!r} (built in: {', '.join(rewards.REWARD_FUNCS)})")
+    return names, funcs, torch.tensor(weights)
+
+
+def score(funcs, weights, prompts, completions, completion_ids, columns):
+    """Run every reward function. Returns per-function rewards (N, F) with NaN where a function
+    abstained (None), and their weighted sum (N,), NaN where every function abstained."""
+    per_fn = torch.tensor([[math.nan if v is None else float(v) for v in
+                            f(prompts, completions, completion_ids=completion_ids, **columns)] for f in funcs]).T
+    weighted = per_fn * weights                                   # (N, F)
+    total = torch.nansum(weighted, dim=1)
+    total[torch.isnan(per_fn).all(1)] = math.nan
+    return per_fn, total
+
+
+def group_advantages(rewards_, G, scale="group", rloo=False, eps=1e-4):
+    """rewards (P*G,) grouped consecutively -> advantages (P*G,). NaN rewards (no scorable reward)
+    get advantage 0 and are left out of their group's statistics. Std is the unbiased (n-1) one,
+    as in TRL and verl; a group with fewer than 2 scored samples has nothing to compare: advantage 0."""
+    r = rewards_.view(-1, G)                                      # (P, G)
+    valid = ~torch.isnan(r)
+    n = valid.sum(1, keepdim=True).float()                        # (P, 1)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    total = r0.sum(1, keepdim=True)
+    mean = total / n.clamp(min=1)
+    if rloo:  # baseline = mean of the other samples of the group
+        adv = r0 - (total - r0) / (n - 1).clamp(min=1)
+    else:
+        adv = r0 - mean
+    if scale == "group":
+        std = (((r0 - mean) ** 2 * valid).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        adv = adv / (std + eps)
+    elif scale == "batch":
+        flat = r[valid]
+        std = flat.std() if flat.numel() > 1 else torch.tensor(0.0)
+        adv = adv / (std + eps)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale!r}")
+    adv = torch.where(valid & (n > 1), adv, torch.zeros_like(adv))
+    return adv.view(-1)
+
+
+# -----------------------------------------------------------------------------
+# The loss: small pure functions, explicit masks and normalisers
+
+def kl_penalty(logp, ref_logp, estimator="k3"):
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta; x = log pi - log pi_ref."""
+    x = logp - ref_logp
+    if estimator == "k1":
+        return x
+    if estimator == "k2":
+        return 0.5 * x ** 2
+    if estimator == "k3":
+        return torch.exp(-x) + x - 1
+    raise ValueError(f"kl_estimator must be k1, k2 or k3, got {estimator!r}")
+
+
+def per_token_loss(logp, old_logp, advantages, mask, eps_low, eps_high, level="token",
+                   ref_logp=None, beta=0.0, kl_estimator="k3"):
+    """Clipped surrogate (+ beta * KL) per token. logp, old_logp, ref_logp, mask (B, C); advantages (B,).
+    Returns the loss per token (B, C) and the per-token tensors the metrics need."""
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)                       # verl's clamp: no exp overflow
+    if level == "sequence":  # GSPO: s_i = exp(mean_t log rho_it), one ratio for the whole sequence
+        log_ratio = ((log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(logp)
+    elif level != "token":
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
+    ratio = torch.exp(log_ratio)                                           # (B, C)
+    A = advantages[:, None]                                                # (B, 1)
+    objective = torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+    loss = -objective
+    kl = None
+    if beta != 0.0:
+        kl = kl_penalty(logp, ref_logp, kl_estimator)
+        loss = loss + beta * kl
+    return loss, {"ratio": ratio, "kl": kl,
+                  "clip_low": ((ratio < 1 - eps_low) & (A < 0)).float(),   # clipping bites below
+                  "clip_high": ((ratio > 1 + eps_high) & (A > 0)).float()}  # and above
+
+
+def aggregate(loss_tok, mask, loss_type, num_seqs, num_tokens, max_len):
+    """Reduce per-token losses (B, C) of one micro-batch to its share of the batch loss. The
+    normalisers (num_seqs, num_tokens: of the whole batch) make the micro-batch shares add up to
+    exactly the full-batch loss."""
+    if loss_type == "grpo":     # (1/B) sum_i (1/L_i) sum_t m*l
+        return ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_seqs
+    if loss_type == "dapo":     # sum_it m*l / sum_i L_i
+        return (loss_tok * mask).sum() / max(num_tokens, 1)
+    if loss_type == "dr_grpo":  # sum_it m*l / (B * L_max)
+        return (loss_tok * mask).sum() / (num_seqs * max_len)
+    raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
+
+
+# -----------------------------------------------------------------------------
+# Prompts: the built-in task stream, or JSONL rows
+
+class Prompts:
+    def __init__(self, cfg, tok, held):
+        self.builtin = not cfg.data
+        if self.builtin:
+            self.stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)
+        else:
+            def check(row):
+                check_text_or_messages(row, "prompt")
+            self.rows = read_jsonl(cfg.data, check)
+            for i, r in enumerate(self.rows):
+                n = len(encode_prompt(tok, r["prompt"]))
+                if n > cfg.max_prompt_length:
+                    raise ValueError(f"{cfg.data}: row {i + 1}: prompt has {n} tokens > --max-prompt-length "
+                                     f"{cfg.max_prompt_length}")
+            self.cycle = ShuffledCycle(len(self.rows), cfg.seed)
+
+    def take(self, n):
+        return [p.row() for p in self.stream.take(n)] if self.builtin else [self.rows[i] for i in self.cycle.take(n)]
+
+    def state(self):
+        return {"position": self.stream.position} if self.builtin else self.cycle.state()
+
+    def load(self, s):
+        self.stream.seek(s["position"]) if self.builtin else self.cycle.load(s)
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg):
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    print(json.dumps(vars(cfg)))
+    names, funcs, weights = resolve_reward_funcs(cfg)
+    held = rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n and not cfg.data else []
+
+    # The cold start: the default init directory is built by sft.py the first time it is needed.
+    if cfg.init != "scratch" and not os.path.isdir(cfg.init):
+        if cfg.init != GRPOConfig.init:
+            raise FileNotFoundError(f"--init {cfg.init!r} does not exist (use 'scratch' to start from --model)")
+        print(f"no cold-start checkpoint at {cfg.init}: running sft.py first")
+        sft.main(sft.SFTConfig(model=cfg.model, task=cfg.task, out=cfg.init, device=cfg.device,
+                               seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n))
+        seed_everything(cfg.seed)
+    start = cfg.model if cfg.init == "scratch" else cfg.init
+    model, tok = load(start, cfg.device, seed=cfg.seed)
+    prompts_src = Prompts(cfg, tok, held)        # JSONL is checked here, before any training
+    ref = None
+    if cfg.beta != 0.0:  # a frozen copy of the starting policy; with beta = 0 none is kept
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    write_config(cfg, cfg.out)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    step, history = 0, []
+    if cfg.resume:
+        st = load_state(cfg.out)
+        model.load_state_dict(load(cfg.out, cfg.device)[0].state_dict())
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, history = st["step"], st["history"]
+        prompts_src.load(st["data"])
+        set_rng_state(st["rng"])
+    model.train()
+
+    def evaluate():
+        acc, comps = sft.evaluate(model, tok, held, cfg.max_new_tokens)
+        history.append({"step": step, "held_out_accuracy": acc})
+        return acc, comps
+
+    def checkpoint():
+        save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                                   "history": history, "data": prompts_src.state(), "rng": rng_state(),
+                                   "config": vars(cfg)})
+
+    if held and step == 0:
+        acc0, _ = evaluate()
+        print(f"held-out greedy accuracy before GRPO: {acc0:.3f}")
+    G, P = cfg.num_generations, cfg.num_prompts
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    samples_log = open(os.path.join(cfg.out, "samples.jsonl"), "a")
+    bar = tqdm(total=cfg.steps, initial=step, desc="grpo", dynamic_ncols=True)
+    while step < cfg.steps:
+        t0 = time.time()
+        # ---- rollout + rewards (+ dynamic sampling) ---------------------------------------------
+        kept, rounds, seen_groups = [], 0, 0
+        while True:
+            rows = prompts_src.take(P)
+            prompts = [r["prompt"] for r in rows for _ in range(G)]           # each prompt G times, grouped
+            ids = [encode_prompt(tok, p) for p in prompts]
+            model.eval()
+            roll = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+            model.train()
+            comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
+            texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
+            columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in {k for r in rows for k in r} - {"prompt"}}
+            per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns)
+            rounds += 1
+            seen_groups += P
+            keep = torch.ones(P, dtype=torch.bool)
+            if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
+                g = R.view(P, G)
+                keep = (g.nan_to_num(-1e9).max(1).values != g.nan_to_num(-1e9).min(1).values)
+            kept.append((roll, prompts, texts, per_fn, R, keep))
+            if not cfg.dynamic_sampling or sum(int(k[-1].sum()) for k in kept) >= P or rounds > cfg.max_resample:
+                break
+        roll, prompts, texts, per_fn, R, mask_c, trunc = merge_rounds(kept, P, G, tok.pad_token_id)
+        t_rollout = time.time() - t0
+
+        adv = group_advantages(R, G, cfg.scale_rewards, rloo=cfg.advantage == "rloo")   # (B,)
+        mask = mask_c.clone()                                                            # (B, C)
+        if cfg.mask_truncated_completions:
+            mask[trunc] = 0.0
+        B, C = mask.shape
+        num_tokens = int(mask.sum())
+
+        # ---- pi_old and pi_ref log-probs, once, without grad --------------------------------------
+        t1 = time.time()
+        mbs = [slice(i, i + (cfg.micro_batch or B)) for i in range(0, B, cfg.micro_batch or B)]
+        old_logp = ref_logp = None
+        with torch.no_grad():
+            if cfg.num_iterations > 1:
+                old_logp = torch.cat([token_logprobs(model, roll.input_ids[s], roll.attention_mask[s], C,
+                                                     cfg.temperature) for s in mbs])
+            if ref is not None:
+                ref_logp = torch.cat([token_logprobs(ref, roll.input_ids[s], roll.attention_mask[s], C,
+                                                     cfg.temperature) for s in mbs])
+        t_logprobs = time.time() - t1
+
+        # ---- num_iterations optimizer steps on the same batch -------------------------------------
+        t2 = time.time()
+        acc = {k: 0.0 for k in ("ratio", "kl", "clip_low", "clip_high", "entropy", "loss")}
+        skipped = 0
+        for _ in range(cfg.num_iterations):
+            opt.zero_grad(set_to_none=True)
+            for s in mbs:
+                logp, ent = token_logprobs(model, roll.input_ids[s], roll.attention_mask[s], C, cfg.temperature,
+                                           entropy=True)
+                old = old_logp[s] if old_logp is not None else logp.detach()   # on-policy: rho == 1
+                lt, st_ = per_token_loss(logp, old, adv[s], mask[s], cfg.epsilon_low, cfg.epsilon_high,
+                                         cfg.importance_sampling_level, None if ref_logp is None else ref_logp[s],
+                                         cfg.beta, cfg.kl_estimator)
+                loss = aggregate(lt, mask[s], cfg.loss_type, B, num_tokens, cfg.max_new_tokens)
+                loss.backward()
+                m = mask[s]
+                w = 1.0 / max(num_tokens, 1) / cfg.num_iterations               # token-mean over the batch
+                acc["loss"] += loss.item() / cfg.num_iterations
+                acc["entropy"] += float((ent.detach() * m).sum()) * w
+                acc["ratio"] += float((st_["ratio"].detach() * m).sum()) * w
+                acc["clip_low"] += float((st_["clip_low"] * m).sum()) * w
+                acc["clip_high"] += float((st_["clip_high"] * m).sum()) * w
+                if st_["kl"] is not None:
+                    acc["kl"] += float((st_["kl"].detach() * m).sum()) * w
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if torch.isfinite(grad_norm):
+                opt.step()
+            else:  # a NaN/inf gradient would poison the weights: skip the update, keep going
+                skipped += 1
+            sched.step()
+        t_train = time.time() - t2
+        step += 1
+
+        # ---- metrics (TRL names) -------------------------------------------------------------------
+        lengths = mask_c.sum(1)
+        grp = R.view(-1, G)
+        metrics = {"step": step, "reward": float(R.nanmean()), "reward_std": float(_nanstd(grp).mean()),
+                   **{f"rewards/{n}/mean": float(per_fn[:, i].nanmean()) for i, n in enumerate(names)},
+                   **{f"rewards/{n}/std": float(_nanstd(per_fn[:, i][None])[0]) for i, n in enumerate(names)},
+                   "frac_reward_zero_std": float((_nanstd(grp) < 1e-8).float().mean()),
+                   "completions/mean_length": float(lengths.mean()),
+                   "completions/min_length": float(lengths.min()), "completions/max_length": float(lengths.max()),
+                   "completions/clipped_ratio": float(trunc.float().mean()),
+                   "completions/mean_terminated_length": float(lengths[~trunc].mean()) if (~trunc).any() else 0.0,
+                   "loss": acc["loss"], "entropy": acc["entropy"], "ratio": acc["ratio"],
+                   "clip_ratio/low_mean": acc["clip_low"], "clip_ratio/high_mean": acc["clip_high"],
+                   "clip_ratio/region_mean": acc["clip_low"] + acc["clip_high"],
+                   "grad_norm": float(grad_norm), "skipped_steps": skipped, "learning_rate": sched.get_last_lr()[0],
+                   "num_tokens": num_tokens, "step_time": time.time() - t0,
+                   "time/rollout": t_rollout, "time/logprobs": t_logprobs, "time/train": t_train}
+        if cfg.beta != 0.0:
+            metrics["kl"] = acc["kl"]
+        if cfg.dynamic_sampling:
+            metrics["dynamic_sampling/rounds"] = rounds
+            metrics["dynamic_sampling/kept_frac"] = P / seen_groups if B == P * G else B / (seen_groups * G)
+        if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            metrics["held_out_accuracy"] = evaluate()[0]
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}",
+                        len=f"{metrics['completions/mean_length']:.1f}", ent=f"{metrics['entropy']:.2f}")
+        bar.update(1)
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+            for i in range(0, min(B, 2 * G), G):  # the first completion of the first two groups
+                sample = {"step": step, "prompt": _prompt_text(prompts[i]), "completion": texts[i],
+                          "reward": float(R[i]), "advantage": float(adv[i])}
+                samples_log.write(json.dumps(sample) + "\n")
+                tqdm.write(f"[step {step}] {sample['prompt']!r} -> {sample['completion']!r} "
+                           f"reward={sample['reward']:.2f}")
+            samples_log.flush()
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    summary = {}
+    if held:
+        acc1, _ = evaluate()
+        before = history[0]["held_out_accuracy"]
+        summary = {"held_out_accuracy_before": before, "held_out_accuracy_after": acc1, "n": len(held),
+                   "history": history}
+        print(f"\nheld-out greedy accuracy on {len(held)} {cfg.task} problems: "
+              f"before GRPO {before:.3f} -> after GRPO {acc1:.3f} ({'+' if acc1 >= before else ''}"
+              f"{100 * (acc1 - before):.1f} points)")
+        checkpoint()  # with the final evaluation in its history
+    with open(os.path.join(cfg.out, "result.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log.close()
+    samples_log.close()
+    return model, tok, summary
+
+
+def _nanstd(x):
+    """Unbiased std of each row of x (R, G), ignoring NaN; 0 for rows with < 2 values."""
+    valid = ~torch.isnan(x)
+    n = valid.sum(1).float()
+    x0 = torch.where(valid, x, torch.zeros_like(x))
+    mean = x0.sum(1) / n.clamp(min=1)
+    var = (((x0 - mean[:, None]) ** 2) * valid).sum(1) / (n - 1).clamp(min=1)
+    return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+
+
+def _prompt_text(p):
+    return p[-1]["content"] if isinstance(p, list) else p
+
+
+def merge_rounds(kept, P, G, pad_id):
+    """Join the rollout rounds of one step, keeping the groups marked `keep` (all of them without
+    dynamic sampling), at most P groups. Completions of different rounds may differ in length:
+    they are right-padded to the longest, prompts left-padded to the longest."""
+    groups = []
+    for roll, prompts, texts, per_fn, R, keep in kept:
+        for g in torch.nonzero(keep).flatten().tolist():
+            groups.append((roll, prompts, texts, per_fn, R, g))
+    if not groups:  # nothing had signal in any round: train on the last round (zero advantages)
+        roll, prompts, texts, per_fn, R, _ = kept[-1]
+        groups = [(roll, prompts, texts, per_fn, R, g) for g in range(P)]
+    groups = groups[:P]
+    Pm = max(r.prompt_len for r, *_ in groups)
+    Cm = max(r.completion_mask.shape[1] for r, *_ in groups)
+    ids, attn, cmask, trunc, prompts_out, texts_out, fns, Rs = [], [], [], [], [], [], [], []
+    for roll, prompts, texts, per_fn, R, g in groups:
+        s = slice(g * G, (g + 1) * G)
+        pl, cl = roll.prompt_len, roll.completion_mask.shape[1]
+        pad = lambda t, left, right, v: torch.nn.functional.pad(t, (left, right), value=v)
+        ids.append(pad(roll.input_ids[s], Pm - pl, Cm - cl, pad_id))
+        attn.append(pad(roll.attention_mask[s], Pm - pl, Cm - cl, 0))
+        cmask.append(pad(roll.completion_mask[s], 0, Cm - cl, 0.0))
+        trunc.append(roll.truncated[s])
+        prompts_out += prompts[s]
+        texts_out += texts[s]
+        fns.append(per_fn[s])
+        Rs.append(R[s])
+    merged = Rollout(torch.cat(ids), torch.cat(attn), torch.cat(cmask), None, torch.cat(trunc), Pm)
+    return merged, prompts_out, texts_out, torch.cat(fns), torch.cat(Rs), merged.completion_mask, merged.truncated
+
+
+if __name__ == "__main__":
+    main(parse_config(GRPOConfig))

@@ -1,0 +1,361 @@
+"""The model side of every script: build or load a causal LM + tokenizer, save it, and compute the
+per-token log-probs (+ entropy) that every loss in this repo is made of.
+
+    model, tok = load("tiny")             # the built-in ~0.8M-parameter Qwen2 + character tokenizer
+    model, tok = load("path/to/Qwen2.5-0.5B-Instruct", device="cuda")   # any local HF directory
+    save(model, tok, "runs/x")            # loads again with AutoModelForCausalLM.from_pretrained
+
+Nothing is ever downloaded: "tiny" is built here from a transformers config, and a path must be a local
+directory in the Hugging Face layout.
+
+`token_logprobs` is the one place where logits become log-probs. It runs the decoder once, then pushes
+the hidden states of the completion positions through the lm_head in row chunks, so the fp32 logits of
+the whole batch (B*T*V floats: 64*512*151936*4 bytes = 20 GB for Qwen2.5-0.5B) never exist at once.
+`logprobs_from_hidden` is the function a fused GPU kernel replaces.
+"""
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
+
+# -----------------------------------------------------------------------------
+# The built-in tokenizer: one token per printable ASCII character, plus the chat/role tokens and the
+# R1 reasoning tags as single tokens (they are structure, not text, and single tokens keep the tiny
+# model's completions short). pad != eos on purpose: if they were equal, masking pads would also mask
+# the EOS and the model would never learn to stop.
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+# Renders [{"role", "content"}, ...]; the generation prompt is the assistant role token. Each assistant
+# turn ends with <eos>, so a completion rendered by this template already carries its EOS.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<eos>"
+    "{% else %}{{ raise_exception('unknown role: ' + m['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_char_tokenizer():
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    chars = [chr(i) for i in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + TAG_TOKENS + chars)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is a word
+    tk.decoder = decoders.Fuse()                             # and decoding just concatenates
+    tk.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"  # generation pads on the left; training builds its own layout
+    return tok
+
+
+# The default model: a standard Qwen2 (so the exact same code path serves real Qwen checkpoints), sized
+# so that SFT + GRPO run in minutes on two CPU cores. 4 layers x 128 wide = 0.8M parameters.
+TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def build_tiny_model(tok, seed=0, **overrides):
+    cfg = Qwen2Config(vocab_size=len(tok), tie_word_embeddings=True, rope_theta=10000.0,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=None, **{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                               bos_token_id=None, do_sample=False)
+    return model
+
+
+def load(path="tiny", device="cpu", dtype=None, seed=0):
+    """(model, tokenizer) from "tiny" (built fresh, random weights) or a local HF directory.
+    dtype defaults to bf16 on CUDA and fp32 elsewhere."""
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if path == "tiny":
+        tok = build_char_tokenizer()
+        model = build_tiny_model(tok, seed=seed).to(device=device, dtype=dtype)
+        return model, tok
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path {path!r} is not a local directory (nothing is downloaded; "
+                                f"use 'tiny' for the built-in model)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    check_tokenizer(tok, path)
+    return model, tok
+
+
+def check_tokenizer(tok, where):
+    # A pad token equal to EOS silently breaks the completion mask (the model never learns to stop).
+    if tok.pad_token_id is None:
+        raise ValueError(f"{where}: tokenizer has no pad token; set one that differs from EOS")
+    if tok.eos_token_id is None:
+        raise ValueError(f"{where}: tokenizer has no EOS token")
+    if tok.pad_token_id == tok.eos_token_id:
+        raise ValueError(f"{where}: pad token == EOS token ({tok.pad_token!r}); the completion mask would drop "
+                         f"the EOS and the model would never learn to stop. Set a distinct pad token.")
+
+
+# -----------------------------------------------------------------------------
+# Saving. The output directory is a plain HF checkpoint (model.safetensors, config.json,
+# generation_config.json, tokenizer files, chat template); the training state (optimizer, step, RNG,
+# data position) lives in trainer_state/ beside it so from_pretrained never sees it.
+
+def save(model, tok, out_dir, state=None):
+    """Write the checkpoint to out_dir/.tmp, then swap it in, so a crash mid-save never leaves a
+    half-written checkpoint in out_dir (the previous one survives until the new one is complete).
+    Logs and other files already in out_dir are kept."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrapped = getattr(model, "module", model)  # DDP wraps the model
+    unwrapped.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if state is not None:
+        os.makedirs(os.path.join(tmp, "trainer_state"))
+        torch.save(state, os.path.join(tmp, "trainer_state", "state.pt"))
+    names = os.listdir(tmp)
+    for name in names:  # replace file by file; trainer_state last, so it never points past the weights
+        dst = os.path.join(out_dir, name)
+        if name == "trainer_state":
+            continue
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, name), dst)
+    if "trainer_state" in names:
+        old = os.path.join(out_dir, "trainer_state")
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        os.replace(os.path.join(tmp, "trainer_state"), old)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_state(out_dir):
+    path = os.path.join(out_dir, "trainer_state", "state.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no training state at {path}")
+    return torch.load(path, weights_only=False)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_config(cfg, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "run_config.json"), "w") as f:
+        json.dump(vars(cfg), f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# Token log-probs. Layout shared by sft.py, grpo.py and rollout.py: each row is
+# [left-padded prompt | right-padded completion], input_ids (B, T), attention_mask (B, T), and the
+# last C columns are the completion. The logit that predicts column t sits at position t-1.
+
+def position_ids(attention_mask):
+    # Left padding shifts where each sequence starts; positions count real tokens only. (B, T)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def logprobs_from_hidden(hidden, weight, targets, temperature=1.0, entropy=False, chunk_rows=4096):
+    """log softmax(hidden @ weight.T / T)[target] for each row, and optionally the entropy of that
+    distribution. hidden (N, H), weight (V, H), targets (N,) -> (N,) fp32 [, (N,) fp32].
+
+    Plain PyTorch, chunked over rows: only a (chunk_rows, V) fp32 block of logits is alive at a time.
+    On CUDA this is the function the fused Triton kernel replaces (no logits in memory at all)."""
+    logps, ents = [], []
+    for i in range(0, hidden.shape[0], chunk_rows):
+        logits = (hidden[i:i + chunk_rows] @ weight.T).float() / temperature  # (n, V) fp32
+        logz = torch.logsumexp(logits, dim=-1)                                  # (n,)
+        logps.append(logits.gather(-1, targets[i:i + chunk_rows, None]).squeeze(-1) - logz)
+        if entropy:
+            p = torch.softmax(logits, dim=-1)
+            ents.append(logz - (p * logits).sum(-1))                           # H = logZ - E_p[z]
+    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+    if not entropy:
+        return logp
+    return logp, (torch.cat(ents) if ents else torch.zeros_like(logp))
+
+
+def token_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, entropy=False):
+    """Log-probs of the last `num_completion` tokens of each row under the model.
+    input_ids, attention_mask (B, T) -> logp (B, C) fp32 [, entropy (B, C)]. Gradients flow when
+    called with grad enabled; the no-grad call and the grad call compute exactly the same numbers."""
+    B, T = input_ids.shape
+    C = num_completion
+    base = getattr(model, "module", model).base_model  # the decoder without its lm_head
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = hidden[:, T - C - 1:T - 1]                  # (B, C, H): positions predicting the completion
+    weight = getattr(model, "module", model).get_output_embeddings().weight  # (V, H)
+    targets = input_ids[:, T - C:]                       # (B, C)
+    out = logprobs_from_hidden(hidden.reshape(B * C, -1), weight, targets.reshape(-1), temperature, entropy)
+    if entropy:
+        return out[0].view(B, C), out[1].view(B, C)
+    return out.view(B, C)
+
+
+def chat_ids(tok, messages, add_generation_prompt):
+    """Render role/content messages with the tokenizer's chat template and tokenize without adding
+    special tokens again (the template already has its own BOS, if any: no double BOS)."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("conversational data needs a tokenizer with a chat template; this one has none")
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tok(text, add_special_tokens=False).input_ids
+
+
+# -----------------------------------------------------------------------------
+# Data: JSONL in TRL's vocabulary, checked line by line before any training starts, and turned into
+# token ids. A prompt is a string ("standard") or a list of {"role", "content"} ("conversational").
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path, check):
+    """Parse every line of a JSONL file; check(row) raises ValueError naming the bad field. Any problem
+    is reported as 'file:line: ...' before a single step is taken."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            try:
+                check(row)
+            except (ValueError, TypeError, KeyError) as e:
+                raise DataError(f"{path}:{n}: {e}") from None
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def check_text_or_messages(row, field, last_role=None):
+    """A field must be a non-empty string, or a non-empty list of role/content messages."""
+    if field not in row:
+        raise ValueError(f"missing field {field!r} (has: {', '.join(row)})")
+    v = row[field]
+    if isinstance(v, str):
+        if not v.strip():
+            raise ValueError(f"field {field!r} is empty")
+        return
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"field {field!r} must be a string or a non-empty list of messages, got {type(v).__name__}")
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise ValueError(f"field {field!r}[{i}] must be {{'role': ..., 'content': str}}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"field {field!r}[{i}] has unknown role {m['role']!r} (known: {', '.join(sorted(ROLES))})")
+    if last_role and v[-1]["role"] != last_role:
+        raise ValueError(f"field {field!r} must end with a {last_role!r} message, ends with {v[-1]['role']!r}")
+
+
+def encode_prompt(tok, prompt):
+    """Prompt ids: conversational prompts through the chat template with the generation prompt,
+    standard strings as they are (with the tokenizer's own BOS, if it has one)."""
+    if isinstance(prompt, list):
+        return chat_ids(tok, prompt, add_generation_prompt=True)
+    return tok(prompt).input_ids
+
+
+def encode_example(tok, prompt, completion):
+    """(prompt_ids, completion_ids) for SFT; the completion always ends with EOS so the model learns to
+    stop. Conversational: the completion is what the template adds after the generation prompt."""
+    p = encode_prompt(tok, prompt)
+    if isinstance(prompt, list) != isinstance(completion, list):
+        raise ValueError("prompt and completion must both be strings or both be message lists")
+    if isinstance(completion, list):
+        full = chat_ids(tok, prompt + completion, add_generation_prompt=False)
+        if full[:len(p)] != p:
+            raise ValueError("the chat template renders the prompt differently with and without the completion")
+        c = full[len(p):]
+    else:
+        c = tok(completion, add_special_tokens=False).input_ids
+    if tok.eos_token_id not in c:
+        c = c + [tok.eos_token_id]
+    return p, c
+
+
+class ShuffledCycle:
+    """Epochs over n rows, each in a fresh seeded order. (epoch, pos) is the whole state: a resumed run
+    sees exactly the rows an uninterrupted run would have seen, across epoch boundaries too."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self.order = self._order()
+
+    def _order(self):
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, k):
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = self._order()
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, s):
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        self.order = self._order()
+
+
+# -----------------------------------------------------------------------------
+# CLI: one dataclass per script; its fields are the flags (dashes on the command line), its values
+# the defaults, each defined once.
+
+def parse_config(cls, argv=None):
+    import argparse
+    import dataclasses
+    ap = argparse.ArgumentParser(description=cls.__doc__)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            ap.add_argument(flag, type=typ, default=f.default)
+    return cls(**vars(ap.parse_args(argv)))

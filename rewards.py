@@ -1,0 +1,242 @@
+"""Verifiable tasks and reward functions. No torch here: pure Python, easy to test and to extend.
+
+Tasks are seeded generators with an exact checker. Each problem carries both what RL needs (a prompt
+and the columns the reward functions read, e.g. `answer`) and what the cold start needs (a worked
+reasoning trace in the R1 format `<think>...</think><answer>...</answer>`).
+
+    add       a + b with n-digit numbers; the trace adds column by column, right to left, with carries:
+              "347+285" -> <think>7+5=12,4+8+1=13,3+2+1=6</think><answer>632</answer>
+    countdown reach the target with each given number once, + - * /:
+              "3,5,7->22" -> <think>3*5=15,15+7=22</think><answer>3*5+7</answer>
+
+Reward functions follow TRL's signature: f(prompts, completions, **columns) -> list[float | None],
+one value per completion, None = abstain (that function says nothing about that sample; TRL's
+convention). `completions` are decoded strings; `completion_ids` (token id lists) and every extra
+dataset column arrive as keyword arguments.
+
+    accuracy_reward            1 if the <answer> equals the `answer` column (numerically when both are numbers)
+    countdown_reward           1 if the <answer> expression uses exactly `numbers` and evaluates to `target`
+    format_reward              1 if the completion is <think>...</think><answer>...</answer> (DeepSeek-R1)
+    soft_overlong_punishment   DAPO's length penalty near the completion limit
+
+Expressions written by the model are evaluated with `safe_eval`, a bounded AST evaluator over exact
+fractions, never with `eval` (which would run arbitrary code, and `9**9**9` would hang the trainer).
+"""
+import ast
+import random
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+
+@dataclass
+class Problem:
+    prompt: str   # the user message
+    answer: str   # what accuracy_reward compares against
+    trace: str    # a correct completion in R1 format, for the cold-start SFT
+    columns: dict = None  # extra columns for reward functions (countdown: numbers, target)
+
+    def row(self):
+        """The problem as a GRPO dataset row: conversational prompt + reward columns."""
+        return {"prompt": [{"role": "user", "content": self.prompt}], "answer": self.answer, **(self.columns or {})}
+
+
+# -----------------------------------------------------------------------------
+# Tasks
+
+def make_addition(rng, digits=3):
+    a, b = (rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in range(2))
+    steps, carry = [], 0
+    for da, db in zip(reversed(str(a)), reversed(str(b))):  # right to left, one column per step
+        s = int(da) + int(db) + carry
+        steps.append(f"{da}+{db}+{carry}={s}" if carry else f"{da}+{db}={s}")
+        carry = s // 10
+    answer = str(a + b)
+    return Problem(f"{a}+{b}", answer, f"<think>{','.join(steps)}</think><answer>{answer}</answer>")
+
+
+def make_countdown(rng, count=3):
+    """Build a random expression over `count` numbers left to right and use its value as the target
+    (so every problem is solvable and the trace is a real solution)."""
+    while True:
+        nums = [rng.randint(1, 12) for _ in range(count)]
+        order = rng.sample(nums, len(nums))
+        value, expr, steps = Fraction(order[0]), str(order[0]), []
+        for n in order[1:]:
+            op = rng.choice("+-*/")
+            new = {"+": value + n, "-": value - n, "*": value * n, "/": value / n}[op]
+            if new.denominator != 1 or new < 0 or new > 999:
+                break
+            steps.append(f"{value}{op}{n}={new}")
+            expr = f"({expr}){op}{n}" if op in "*/" and ("+" in expr or "-" in expr) else f"{expr}{op}{n}"
+            value = new
+        else:
+            target = int(value)
+            prompt = f"{','.join(map(str, nums))}->{target}"
+            return Problem(prompt, expr, f"<think>{','.join(steps)}</think><answer>{expr}</answer>",
+                           {"numbers": nums, "target": target})
+
+
+TASKS = {"add": make_addition, "countdown": make_countdown}
+HELD_OUT_SEED = 1_000_003  # one fixed evaluation set for every run and every seed
+
+
+def held_out(task, n=500):
+    """n distinct problems from a seed that training never uses."""
+    rng, seen, out = random.Random(HELD_OUT_SEED), set(), []
+    while len(out) < n:
+        p = TASKS[task](rng)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            out.append(p)
+    return out
+
+
+class ProblemStream:
+    """An endless, seeded stream of training problems that skips every held-out prompt.
+    `position` (problems drawn so far) is all the state needed to resume exactly."""
+
+    def __init__(self, task, seed, exclude=()):
+        self.task, self.seed, self.exclude, self.position = task, seed, {p.prompt for p in exclude}, 0
+        self.rng = random.Random(seed)
+
+    def next(self):
+        while True:
+            p = TASKS[self.task](self.rng)
+            self.position += 1
+            if p.prompt not in self.exclude:
+                return p
+
+    def take(self, n):
+        return [self.next() for _ in range(n)]
+
+    def seek(self, position):
+        self.rng, self.position = random.Random(self.seed), 0
+        while self.position < position:
+            TASKS[self.task](self.rng)
+            self.position += 1
+
+
+# -----------------------------------------------------------------------------
+# Safe arithmetic evaluation
+
+MAX_EXPR_CHARS, MAX_DEPTH, MAX_EXPONENT, MAX_ABS = 200, 32, 64, 10 ** 18
+
+
+def safe_eval(expr):
+    """Evaluate + - * / ** and parentheses over integers and decimals exactly (Fractions), with bounds
+    on length, depth, exponents and magnitudes. Returns a Fraction, or None for anything else
+    (names, calls, attributes, division by zero, values out of bounds, syntax errors)."""
+    if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
+        return None
+    try:
+        return _eval(ast.parse(expr.strip(), mode="eval").body, 0)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, TypeError):
+        return None
+
+
+def _eval(node, depth):
+    if depth > MAX_DEPTH:
+        raise ValueError("too deep")
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        v = Fraction(node.value)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        v = _eval(node.operand, depth + 1)
+        v = -v if isinstance(node.op, ast.USub) else v
+    elif isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
+        a, b = _eval(node.left, depth + 1), _eval(node.right, depth + 1)
+        if isinstance(node.op, ast.Pow):
+            # checked before computing: 9**9**9 is refused at 9**387420489, it is never evaluated
+            if b.denominator != 1 or abs(b) > MAX_EXPONENT:
+                raise ValueError("exponent out of bounds")
+            if a == 0 and b < 0:
+                raise ZeroDivisionError
+        v = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+             ast.Div: lambda: a / b, ast.Pow: lambda: a ** int(b)}[type(node.op)]()
+    else:
+        raise ValueError(f"not allowed: {type(node).__name__}")
+    if abs(v.numerator) > MAX_ABS * v.denominator or v.denominator > MAX_ABS:
+        raise ValueError("value out of bounds")
+    return v
+
+
+# -----------------------------------------------------------------------------
+# Reward functions
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+def extract_answer(completion):
+    """Text inside the last <answer>...</answer>, or None."""
+    found = ANSWER_RE.findall(completion)
+    return found[-1].strip() if found else None
+
+
+def _prompt_text(prompt):
+    return prompt[-1]["content"] if isinstance(prompt, list) else prompt
+
+
+def accuracy_reward(prompts, completions, answer=None, **kw):
+    """1.0 if the extracted answer equals the reference (as numbers when both are arithmetic, else as
+    stripped strings), 0.0 otherwise; None when the row has no reference answer."""
+    if answer is None:
+        return [None] * len(completions)
+    out = []
+    for c, ref in zip(completions, answer):
+        if ref is None:
+            out.append(None)
+            continue
+        got = extract_answer(c)
+        if got is None:
+            out.append(0.0)
+            continue
+        a, b = safe_eval(got), safe_eval(str(ref))
+        out.append(float(a == b) if a is not None and b is not None else float(got == str(ref).strip()))
+    return out
+
+
+def countdown_reward(prompts, completions, numbers=None, target=None, **kw):
+    """1.0 if the answer expression uses each given number exactly once and equals the target."""
+    if numbers is None or target is None:
+        return [None] * len(completions)
+    out = []
+    for c, nums, tgt in zip(completions, numbers, target):
+        expr = extract_answer(c)
+        if expr is None:
+            out.append(0.0)
+            continue
+        used = sorted(int(x) for x in re.findall(r"\d+", expr))
+        value = safe_eval(expr)
+        out.append(float(used == sorted(nums) and value is not None and value == tgt))
+    return out
+
+
+def format_reward(prompts, completions, **kw):
+    """1.0 for <think>...</think><answer>...</answer> and nothing else. When the chat template
+    pre-fills the opening <think> (Qwen3 / R1-distill templates do), that tag is in the prompt, not in
+    the completion: it is put back before checking, so well-formed completions still score 1."""
+    out = []
+    for p, c in zip(prompts, completions):
+        text = _prompt_text(p)
+        if isinstance(text, str) and text.rstrip().endswith("<think>") and "<think>" not in c:
+            c = "<think>" + c
+        out.append(float(bool(FORMAT_RE.match(c))))
+    return out
+
+
+def soft_overlong_punishment(max_completion_length, cache_length):
+    """DAPO (Yu et al. 2025, eq. 13): 0 up to L_max - L_cache tokens, then a linear ramp down to -1 at
+    L_max, and -1 beyond (a truncated completion has length L_max here, so it gets -1)."""
+    start = max_completion_length - cache_length
+
+    def soft_overlong(prompts, completions, completion_ids, **kw):
+        out = []
+        for ids in completion_ids:
+            n = len(ids)
+            out.append(0.0 if n <= start else (start - n) / cache_length if n <= max_completion_length else -1.0)
+        return out
+    return soft_overlong
+
+
+REWARD_FUNCS = {"accuracy": accuracy_reward, "countdown": countdown_reward, "format": format_reward}

@@ -1,0 +1,204 @@
+"""Cold-start supervised fine-tuning: teach the model the reasoning format on a few worked traces, so
+that RL afterwards has a policy that is sometimes right (DeepSeek-R1 §2.3.1).
+
+    python sft.py                                   # built-in tiny model, addition traces, CPU, ~1 min
+    python sft.py --model PATH --data train.jsonl --device cuda --lr 1e-5 --out runs/sft-qwen
+    torchrun --nproc_per_node=8 sft.py ...          # (multi-process: see README)
+
+Data: JSONL rows {"prompt", "completion"} (strings, or lists of role/content messages) or
+{"messages": [...]} (the last message, from the assistant, is the completion).
+
+Algorithmic choices:
+1. Completion-only loss: prompt tokens are masked out; the model is not trained to write questions.
+2. EOS is part of the completion and of the loss: without it the policy never learns to stop, and
+   every RL rollout runs to the length limit.
+3. Token-mean normalisation over the batch: sum(-log p * mask) / sum(mask).
+4. AdamW, linear warmup then cosine decay to 10%; gradient-norm clipping at 1.0.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import rewards
+from model import (ShuffledCycle, check_text_or_messages, encode_example, encode_prompt, load, load_state, parse_config,
+                   read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs, write_config)
+from rollout import generate
+
+
+@dataclass
+class SFTConfig:
+    """Cold-start SFT (completion-only loss)."""
+    model: str = "tiny"          # "tiny" (built in) or a local HF model directory
+    data: str = ""               # JSONL file; empty = traces of the built-in --task
+    task: str = "add"            # built-in task (rewards.TASKS) for traces and held-out evaluation
+    num_examples: int = 2000     # built-in traces in the cold-start set: the cold-start budget
+    out: str = "runs/sft"
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3             # right for the 0.8M tiny model; use ~1e-5 for a real 0.5B-7B model
+    warmup: int = 20
+    weight_decay: float = 0.0
+    max_length: int = 512        # prompt + completion tokens; longer examples are an error
+    eval_n: int = 500            # held-out problems for greedy accuracy at the end (0 = skip)
+    max_new_tokens: int = 48     # for that evaluation
+    device: str = "cpu"
+    seed: int = 0
+    save_every: int = 100
+    resume: bool = False
+    threads: int = 2             # torch CPU threads
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+def check_sft_row(row):
+    if "messages" in row:
+        check_text_or_messages(row, "messages", last_role="assistant")
+        if not isinstance(row["messages"], list) or len(row["messages"]) < 2:
+            raise ValueError("field 'messages' needs at least a prompt message and an assistant message")
+    else:
+        check_text_or_messages(row, "prompt")
+        check_text_or_messages(row, "completion")
+
+
+def load_examples(cfg, tok):
+    """List of (prompt_ids, completion_ids)."""
+    if cfg.data:
+        rows = read_jsonl(cfg.data, check_sft_row)
+        pairs = [(r["messages"][:-1], r["messages"][-1:]) if "messages" in r else (r["prompt"], r["completion"])
+                 for r in rows]
+        where = [f"{cfg.data}:{i + 1}" for i in range(len(rows))]  # (row index; blank lines shift it)
+    else:
+        stream = rewards.ProblemStream(cfg.task, seed=cfg.seed, exclude=rewards.held_out(cfg.task, max(cfg.eval_n, 1)))
+        probs = stream.take(cfg.num_examples)
+        pairs = [([{"role": "user", "content": p.prompt}], [{"role": "assistant", "content": p.trace}]) for p in probs]
+        where = [f"{cfg.task} example {i}" for i in range(len(probs))]
+    examples = []
+    for (p, c), w in zip(pairs, where):
+        try:
+            ids = encode_example(tok, p, c)
+        except ValueError as e:
+            raise ValueError(f"{w}: {e}") from None
+        if len(ids[0]) + len(ids[1]) > cfg.max_length:
+            raise ValueError(f"{w}: {len(ids[0]) + len(ids[1])} tokens > --max-length {cfg.max_length}")
+        examples.append(ids)
+    return examples
+
+
+def collate(examples, pad_id, device):
+    """[(prompt_ids, completion_ids)] -> input_ids, attention_mask (B, P+C) laid out as
+    [left-padded prompt | right-padded completion], and completion_mask (B, C)."""
+    P = max(len(p) for p, _ in examples)
+    C = max(len(c) for _, c in examples)
+    ids = torch.full((len(examples), P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(examples):
+        ids[i, P - len(p):P + len(c)] = torch.tensor(p + c)
+        attn[i, P - len(p):P + len(c)] = 1
+    return ids.to(device), attn.to(device), attn[:, P:].float().to(device)
+
+
+def sft_loss(logp, mask):
+    """Token-mean negative log-likelihood over the completion tokens. logp, mask (B, C)."""
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# Held-out evaluation (shared with grpo.py and dpo.py)
+
+@torch.no_grad()
+def evaluate(model, tok, problems, max_new_tokens, batch_size=250):
+    """Greedy accuracy on built-in problems; also returns the decoded completions."""
+    model.eval()
+    completions = []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        prompts = [encode_prompt(tok, p.row()["prompt"]) for p in chunk]
+        r = generate(model, tok, prompts, max_new_tokens, greedy=True)
+        completions += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
+    score = rewards.countdown_reward if problems and problems[0].columns else rewards.accuracy_reward
+    rows = [p.row() for p in problems]
+    cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+    acc = score([r["prompt"] for r in rows], completions, **cols)
+    model.train()
+    return sum(acc) / max(len(acc), 1), completions
+
+
+def cosine_lr(step, warmup, total):
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg):
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    print(json.dumps(vars(cfg)))
+    model, tok = load(cfg.model, cfg.device, seed=cfg.seed)
+    examples = load_examples(cfg, tok)  # every row is checked before the first step
+    write_config(cfg, cfg.out)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.warmup, cfg.steps))
+    step, data = 0, ShuffledCycle(len(examples), cfg.seed)
+    if cfg.resume:
+        st = load_state(cfg.out)
+        model, tok = load(cfg.out, cfg.device)  # the weights of the last checkpoint
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.warmup, cfg.steps))
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step = st["step"]
+        data.load(st["data"])
+        set_rng_state(st["rng"])
+    model.train()
+
+    def checkpoint():
+        save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                                   "data": data.state(), "rng": rng_state(),
+                                   "config": vars(cfg)})
+
+    log = open(os.path.join(cfg.out, "sft_metrics.jsonl"), "a")
+    bar = tqdm(total=cfg.steps, initial=step, desc="sft", dynamic_ncols=True)
+    while step < cfg.steps:
+        t0 = time.time()
+        batch = [examples[i] for i in data.take(cfg.batch_size)]
+        ids, attn, mask = collate(batch, tok.pad_token_id, cfg.device)
+        logp = token_logprobs(model, ids, attn, mask.shape[1])          # (B, C)
+        loss = sft_loss(logp, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        m = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+             "num_tokens": int(mask.sum()), "epoch": data.epoch, "step_time": time.time() - t0}
+        log.write(json.dumps(m) + "\n")
+        bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=data.epoch)
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    result = {}
+    if cfg.eval_n and not cfg.data:
+        acc, comps = evaluate(model, tok, rewards.held_out(cfg.task, cfg.eval_n), cfg.max_new_tokens)
+        result = {"held_out_accuracy": acc, "n": cfg.eval_n}
+        print(f"held-out greedy accuracy after SFT: {acc:.3f} on {cfg.eval_n} {cfg.task} problems")
+        print("sample:", repr(comps[0]))
+    with open(os.path.join(cfg.out, "sft_result.json"), "w") as f:
+        json.dump(result, f)
+    log.close()
+    return model, tok, result
+
+
+if __name__ == "__main__":
+    main(parse_config(SFTConfig))
