@@ -243,7 +243,10 @@ class Prompts:
         return {"position": self.stream.position} if self.builtin else self.cycle.state()
 
     def load(self, s):
-        self.stream.seek(s["position"]) if self.builtin else self.cycle.load(s)
+        if self.builtin:
+            self.stream.seek(s["position"])
+        else:
+            self.cycle.load(s)
 
 
 # -----------------------------------------------------------------------------
@@ -401,7 +404,7 @@ def main(cfg):
             metrics["kl"] = acc["kl"]
         if cfg.dynamic_sampling:
             metrics["dynamic_sampling/rounds"] = rounds
-            metrics["dynamic_sampling/kept_frac"] = P / seen_groups if B == P * G else B / (seen_groups * G)
+            metrics["dynamic_sampling/kept_frac"] = sum(int(k[-1].sum()) for k in kept) / seen_groups
         if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["held_out_accuracy"] = evaluate()[0]
         log.write(json.dumps(metrics) + "\n")
