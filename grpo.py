@@ -65,15 +65,15 @@ class GRPOConfig:
     data: str = ""                 # JSONL with "prompt" + columns for the reward functions; empty = --task
     task: str = "add"              # built-in task (rewards.TASKS)
     out: str = "runs/grpo"
-    steps: int = 60
-    num_prompts: int = 16          # prompts per step
+    steps: int = 100
+    num_prompts: int = 32          # prompts per step
     num_generations: int = 8       # G, completions per prompt
     max_new_tokens: int = 48
     max_prompt_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    lr: float = 1e-3               # right for the tiny model; ~1e-6 for a real 0.5B-7B model
+    lr: float = 1e-4               # right for the tiny model; ~1e-6 for a real 0.5B-7B model
     warmup: int = 0
     grad_clip: float = 1.0
     reward_funcs: str = ""         # comma list of rewards.REWARD_FUNCS names or module:function;
@@ -92,10 +92,10 @@ class GRPOConfig:
     dynamic_sampling: bool = False
     max_resample: int = 3          # extra rollout rounds per step for dynamic sampling
     overlong_cache: int = 0        # > 0: add DAPO's soft overlong punishment over the last N tokens
-    micro_batch: int = 64          # sequences per forward/backward (gradients accumulate)
+    micro_batch: int = 128         # sequences per forward/backward (gradients accumulate)
     eval_n: int = 500              # held-out problems, greedy, before/after (built-in task only)
-    eval_every: int = 20           # also every N steps, for the learning curve (0 = only before/after)
-    sample_every: int = 20         # print and log a few completions every N steps
+    eval_every: int = 25           # also every N steps, for the learning curve (0 = only before/after)
+    sample_every: int = 25         # print and log a few completions every N steps
     save_every: int = 50
     resume: bool = False
     device: str = "cpu"

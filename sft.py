@@ -36,9 +36,10 @@ class SFTConfig:
     model: str = "tiny"          # "tiny" (built in) or a local HF model directory
     data: str = ""               # JSONL file; empty = traces of the built-in --task
     task: str = "add"            # built-in task (rewards.TASKS) for traces and held-out evaluation
-    num_examples: int = 2000     # built-in traces in the cold-start set: the cold-start budget
+    num_examples: int = 300      # built-in traces in the cold-start set: the cold-start budget (small on
+                                 # purpose: RL has to generalise beyond them, see README)
     out: str = "runs/sft"
-    steps: int = 200
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3             # right for the 0.8M tiny model; use ~1e-5 for a real 0.5B-7B model
     warmup: int = 20
