@@ -226,14 +226,12 @@ class Prompts:
         if self.builtin:
             self.stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)
         else:
-            def check(row):
+            def check(row):  # read_jsonl reports any failure here as file:line
                 check_text_or_messages(row, "prompt")
-            self.rows = read_jsonl(cfg.data, check)
-            for i, r in enumerate(self.rows):
-                n = len(encode_prompt(tok, r["prompt"]))
+                n = len(encode_prompt(tok, row["prompt"]))
                 if n > cfg.max_prompt_length:
-                    raise ValueError(f"{cfg.data}: row {i + 1}: prompt has {n} tokens > --max-prompt-length "
-                                     f"{cfg.max_prompt_length}")
+                    raise ValueError(f"prompt has {n} tokens > --max-prompt-length {cfg.max_prompt_length}")
+            self.rows = read_jsonl(cfg.data, check)
             self.cycle = ShuffledCycle(len(self.rows), cfg.seed)
 
     def take(self, n):
@@ -317,13 +315,13 @@ def main(cfg):
             comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
             texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
             columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in {k for r in rows for k in r} - {"prompt"}}
+            columns["prompt_text"] = tok.batch_decode(ids)  # rendered: shows a <think> the template pre-fills
             per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns)
             rounds += 1
             seen_groups += P
             keep = torch.ones(P, dtype=torch.bool)
             if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
-                g = R.view(P, G)
-                keep = (g.nan_to_num(-1e9).max(1).values != g.nan_to_num(-1e9).min(1).values)
+                keep = _nanstd(R.view(P, G)) > 0
             kept.append((roll, prompts, texts, per_fn, R, keep))
             if not cfg.dynamic_sampling or sum(int(k[-1].sum()) for k in kept) >= P or rounds > cfg.max_resample:
                 break
@@ -414,7 +412,7 @@ def main(cfg):
         bar.update(1)
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             for i in range(0, min(B, 2 * G), G):  # the first completion of the first two groups
-                sample = {"step": step, "prompt": _prompt_text(prompts[i]), "completion": texts[i],
+                sample = {"step": step, "prompt": rewards._prompt_text(prompts[i]), "completion": texts[i],
                           "reward": float(R[i]), "advantage": float(adv[i])}
                 samples_log.write(json.dumps(sample) + "\n")
                 tqdm.write(f"[step {step}] {sample['prompt']!r} -> {sample['completion']!r} "
@@ -423,7 +421,6 @@ def main(cfg):
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             checkpoint()
     bar.close()
-    checkpoint()
     summary = {}
     if held:
         acc1, _ = evaluate()
@@ -433,7 +430,7 @@ def main(cfg):
         print(f"\nheld-out greedy accuracy on {len(held)} {cfg.task} problems: "
               f"before GRPO {before:.3f} -> after GRPO {acc1:.3f} ({'+' if acc1 >= before else ''}"
               f"{100 * (acc1 - before):.1f} points)")
-        checkpoint()  # with the final evaluation in its history
+    checkpoint()
     with open(os.path.join(cfg.out, "result.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log.close()
@@ -449,10 +446,6 @@ def _nanstd(x):
     mean = x0.sum(1) / n.clamp(min=1)
     var = (((x0 - mean[:, None]) ** 2) * valid).sum(1) / (n - 1).clamp(min=1)
     return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
-
-
-def _prompt_text(p):
-    return p[-1]["content"] if isinstance(p, list) else p
 
 
 def merge_rounds(kept, P, G, pad_id):

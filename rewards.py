@@ -139,7 +139,8 @@ def _eval(node, depth):
     if depth > MAX_DEPTH:
         raise ValueError("too deep")
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        v = Fraction(node.value)
+        # repr() keeps decimals exact: Fraction("0.1") is 1/10, Fraction(0.1) is the binary float
+        v = Fraction(repr(node.value)) if isinstance(node.value, float) else Fraction(node.value)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         v = _eval(node.operand, depth + 1)
         v = -v if isinstance(node.op, ast.USub) else v
@@ -174,6 +175,7 @@ def extract_answer(completion):
 
 
 def _prompt_text(prompt):
+    """The text of a prompt: the string itself, or the last message of a conversation."""
     return prompt[-1]["content"] if isinstance(prompt, list) else prompt
 
 
@@ -212,13 +214,15 @@ def countdown_reward(prompts, completions, numbers=None, target=None, **kw):
     return out
 
 
-def format_reward(prompts, completions, **kw):
+def format_reward(prompts, completions, prompt_text=None, **kw):
     """1.0 for <think>...</think><answer>...</answer> and nothing else. When the chat template
     pre-fills the opening <think> (Qwen3 / R1-distill templates do), that tag is in the prompt, not in
-    the completion: it is put back before checking, so well-formed completions still score 1."""
+    the completion: it is put back before checking, so well-formed completions still score 1.
+    `prompt_text` (the rendered prompt, which grpo.py passes) is where a pre-filled tag shows; without
+    it the raw prompt (a string, or the last message of a conversation) is checked."""
+    texts = prompt_text if prompt_text is not None else [_prompt_text(p) for p in prompts]
     out = []
-    for p, c in zip(prompts, completions):
-        text = _prompt_text(p)
+    for text, c in zip(texts, completions):
         if isinstance(text, str) and text.rstrip().endswith("<think>") and "<think>" not in c:
             c = "<think>" + c
         out.append(float(bool(FORMAT_RE.match(c))))

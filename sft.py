@@ -183,6 +183,7 @@ def main(cfg):
         m = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
              "num_tokens": int(mask.sum()), "epoch": data.epoch, "step_time": time.time() - t0}
         log.write(json.dumps(m) + "\n")
+        log.flush()
         bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=data.epoch)
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:

@@ -5,7 +5,7 @@ greedy accuracy on the same 500 held-out problems. Runs the default commands onc
     python grpo.py --seed S --init runs/demo/sft-sS --out runs/demo/grpo-sS     # = python grpo.py
     python grpo.py --seed S --init scratch          --out runs/demo/scratch-sS  # no cold start
 
-then prints the table (mean ± sample std over seeds) and draws runs/demo/curve.svg (reward and
+then prints the table (mean ± sample std over seeds) and draws docs/grpo_curve.svg (reward and
 held-out accuracy over GRPO steps). Usage: python bench/demo_table.py [--seeds 0 1 2] [--jobs 2]
 Any extra arguments after -- go to every grpo.py call."""
 import argparse
@@ -48,20 +48,24 @@ def fmt(xs, pct=True):
 
 def svg_curve(series, path, width=640, height=300):
     """A dependency-free line chart: series = [(label, color, [(x, y)], dashed)], y in [0, 1]."""
-    pad, xmax = 40, max(x for _, _, pts, _ in series for x, _ in pts) or 1
+    pad, top, xmax = 40, 20 + 14 * len(series), max(x for _, _, pts, _ in series for x, _ in pts) or 1
+    height += top
     X = lambda x: pad + (width - 2 * pad) * x / xmax
-    Y = lambda y: height - pad - (height - 2 * pad) * y
+    Y = lambda y: height - pad - (height - pad - top) * y
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
     for t in (0, 0.25, 0.5, 0.75, 1.0):
         out.append(f'<line x1="{pad}" x2="{width - pad}" y1="{Y(t)}" y2="{Y(t)}" stroke="#ddd"/>'
                    f'<text x="{pad - 6}" y="{Y(t) + 4}" text-anchor="end">{t:.2f}</text>')
+    for t in range(0, xmax + 1, max(1, xmax // 4)):
+        out.append(f'<text x="{X(t)}" y="{height - pad + 14}" text-anchor="middle">{t}</text>')
     out.append(f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">GRPO step</text>')
     for i, (label, color, pts, dashed) in enumerate(series):
         d = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts)
         dash = ' stroke-dasharray="5,3"' if dashed else ""
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5"{dash} points="{d}"/>')
-        out.append(f'<text x="{pad + 10}" y="{pad - 22 + 14 * i}" fill="{color}">{label}</text>')
+        out.append(f'<line x1="{pad}" x2="{pad + 24}" y1="{10 + 14 * i}" y2="{10 + 14 * i}" stroke="{color}"{dash}/>'
+                   f'<text x="{pad + 30}" y="{14 + 14 * i}" fill="{color}">{label}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out))
@@ -104,5 +108,6 @@ if __name__ == "__main__":
         hist = read(os.path.join(OUT, f"grpo-s{s}"), "result.json")["history"]
         series.append((f"seed {s}: training accuracy reward (T=1, moving avg {w})", colors[i % 3], smooth, False))
         series.append((f"seed {s}: held-out greedy accuracy", colors[i % 3], [(h["step"], h["held_out_accuracy"]) for h in hist], True))
-    svg_curve(series, os.path.join(OUT, "curve.svg"), height=340)
-    print(f"plot: {os.path.join(OUT, 'curve.svg')}")
+    os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+    svg_curve(series, os.path.join(ROOT, "docs", "grpo_curve.svg"))
+    print("plot: docs/grpo_curve.svg")

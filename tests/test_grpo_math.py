@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from grpo import _nanstd, aggregate, group_advantages, kl_penalty, per_token_loss, score
+from grpo import _nanstd, aggregate, group_advantages, kl_penalty, merge_rounds, per_token_loss, score
+from rollout import Rollout
 
 NAN = float("nan")
 EPS = 1e-4
@@ -277,3 +278,46 @@ def test_score_weighted_sum_and_abstain():
     assert math.isnan(total[2].item())
     assert total[3].item() == pytest.approx(0.6)
     assert seen["completion_ids"] == [[1], [2], [3], [4]] and seen["answer"] == ["a"] * 4
+
+
+# -----------------------------------------------------------------------------
+# merge_rounds (dynamic sampling)
+
+def _round(prompt_len, C, base, keep):
+    """A fake rollout round of 2 groups x G=2 rows; token ids start at `base` so rows are traceable."""
+    B = 4
+    ids = torch.arange(base, base + B * (prompt_len + C)).view(B, prompt_len + C)
+    cmask = torch.ones(B, C)
+    cmask[1, -1] = 0.0                       # row 1 ends early
+    attn = torch.cat([torch.ones(B, prompt_len, dtype=torch.long), cmask.long()], 1)
+    roll = Rollout(ids, attn, cmask, torch.zeros(B, C), torch.tensor([True, False, False, True]), prompt_len)
+    R = torch.tensor([base + 0.0, base + 1.0, base + 2.0, base + 3.0])
+    return (roll, [f"p{base}_{i}" for i in range(B)], [f"t{base}_{i}" for i in range(B)], R[:, None].clone(), R,
+            torch.tensor(keep))
+
+
+def test_merge_rounds_keeps_groups_in_order_and_pads():
+    """Kept groups are taken in round order, at most P of them; prompts are left-padded and
+    completions right-padded (with pad id, attention 0, completion mask 0) to the longest."""
+    r1 = _round(3, 2, 100, [False, True])    # group 1 of round 1 kept
+    r2 = _round(4, 3, 200, [True, True])     # both groups of round 2 kept; only the first fits (P=2)
+    merged, prompts, texts, per_fn, R, cmask, trunc = merge_rounds([r1, r2], 2, 2, pad_id=-1)
+    assert merged.prompt_len == 4 and merged.input_ids.shape == (4, 7)
+    assert prompts == ["p100_2", "p100_3", "p200_0", "p200_1"]
+    assert texts == ["t100_2", "t100_3", "t200_0", "t200_1"]
+    assert R.tolist() == [102.0, 103.0, 200.0, 201.0] and per_fn[:, 0].tolist() == R.tolist()
+    row = r1[0].input_ids[2].tolist()
+    assert merged.input_ids[0].tolist() == [-1] + row + [-1]
+    assert merged.attention_mask[0].tolist() == [0, 1, 1, 1, 1, 1, 0]
+    assert cmask.tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]]
+    assert torch.equal(merged.input_ids[2:], r2[0].input_ids[:2])
+    assert trunc.tolist() == [False, True, True, False]
+
+
+def test_merge_rounds_nothing_kept_uses_last_round():
+    """When no group had signal in any round, the last round is used as it is."""
+    r1 = _round(3, 2, 100, [False, False])
+    r2 = _round(4, 3, 200, [False, False])
+    merged, prompts, _, _, R, _, _ = merge_rounds([r1, r2], 2, 2, pad_id=-1)
+    assert torch.equal(merged.input_ids, r2[0].input_ids)
+    assert R.tolist() == [200.0, 201.0, 202.0, 203.0]

@@ -306,14 +306,16 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         kw = dict(input_ids=ids, attention_mask=mask, position_ids=M.position_ids(mask))
         assert torch.equal(m(**kw).logits, m2(**kw).logits)
-    gc = json.load(open(os.path.join(d, "generation_config.json")))
+    with open(os.path.join(d, "generation_config.json")) as f:
+        gc = json.load(f)
     assert gc["eos_token_id"] == tok.eos_token_id and gc["pad_token_id"] == tok.pad_token_id
     # model.load reads it back the same way, and saving again replaces the checkpoint in place
     m3, tok3 = M.load(d)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m3.state_dict().values()))
     M.save(m3, tok3, d, state={"step": 5})
     assert M.load_state(d)["step"] == 5
-    assert open(os.path.join(d, "metrics.jsonl")).read() == '{"step": 1}\n'
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        assert f.read() == '{"step": 1}\n'
 
 
 def test_load_missing_directory():

@@ -82,17 +82,12 @@ def test_safe_eval_huge_power_is_refused_fast():
     assert safe_eval("2**59") == 2 ** 59
 
 
-@pytest.mark.xfail(strict=True, reason="BUG rewards.py:142: decimal literals become binary floats "
-                                      "(Fraction(0.1) != 1/10), so decimal arithmetic is inexact and "
-                                      "'0.001' exceeds the denominator bound")
 def test_safe_eval_decimals_are_exact():
     """The docstring promises decimals are evaluated exactly: 0.1+0.2 == 3/10, 0.001 == 1/1000."""
     assert safe_eval("0.1+0.2") == Fraction(3, 10)
     assert safe_eval("0.001") == Fraction(1, 1000)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG rewards.py:142 (inexact decimals): accuracy_reward marks "
-                                      "numerically equal decimal answers wrong")
 def test_accuracy_reward_decimal_answers():
     """'0.1+0.2' equals the reference '0.3'; '0.0010' equals '0.001'."""
     comps = ["<answer>0.1+0.2</answer>", "<answer>0.0010</answer>"]
@@ -137,6 +132,7 @@ def test_countdown_reward_values():
         "<answer>2*5</answer>": 0.0,              # right value, wrong numbers
         "<answer>3+3+4</answer>": 0.0,            # 3 used twice, 2 unused, value 10
         "<answer>2*3+4+0</answer>": 0.0,          # an extra number
+        "<answer>2*3+4+3-3</answer>": 0.0,        # right value, same set of numbers, 3 used three times
         "<answer>2*3</answer>": 0.0,              # a number missing
         "<answer>__import__('os')</answer>": 0.0,
         "<think>2*3+4</think>": 0.0,              # no answer tag
@@ -145,6 +141,9 @@ def test_countdown_reward_values():
     got = countdown_reward([""] * len(comps), comps, numbers=[nums] * len(comps), target=[tgt] * len(comps))
     assert got == list(cases.values())
     assert countdown_reward([""], comps[:1]) == [None]        # no columns: abstain
+    # repeated given numbers must each be used: [3, 3, 4] -> 10 needs both 3s
+    dup = ["<answer>3+3+4</answer>", "<answer>3+4+3</answer>", "<answer>3+4</answer>"]
+    assert countdown_reward([""] * 3, dup, numbers=[[3, 3, 4]] * 3, target=[10, 10, 7]) == [1.0, 1.0, 0.0]
 
 
 # -----------------------------------------------------------------------------
