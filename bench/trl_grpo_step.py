@@ -18,7 +18,10 @@ from trl import GRPOConfig, GRPOTrainer
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 torch.manual_seed(0)
 torch.set_num_threads(2)
-vocab = {t: i for i, t in enumerate(["<pad>", "<eos>"] + list("0123456789+=<>/abcdefghijklmnopqrstuvwxyz "))}
+# the same vocabulary size as the built-in tokenizer (10 special tokens + printable ASCII), so that a
+# random model emits EOS as often as ours and the completions have the same lengths
+specials = ["<pad>", "<eos>"] + [f"<s{i}>" for i in range(8)]
+vocab = {t: i for i, t in enumerate(specials + [chr(i) for i in range(32, 127)])}
 tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
 tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
 tk.decoder = decoders.Fuse()

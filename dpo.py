@@ -1,0 +1,457 @@
+"""DPO: Direct Preference Optimization, from preference pairs in a file or from on-policy pairs that
+the built-in task's checker ranks.
+
+    python dpo.py                          # built-in: tiny model, cold start (sft.py) if needed, on-policy pairs, CPU
+    python dpo.py --loss ipo --beta 0.5    # another loss
+    python dpo.py --model PATH --data pairs.jsonl --device cuda --lr 5e-7 --out runs/dpo-qwen
+
+Data: JSONL rows in TRL's preference format, {"prompt", "chosen", "rejected"} or the implicit-prompt
+form {"chosen", "rejected"}; strings ("standard") or role/content message lists ("conversational",
+rendered with the tokenizer's chat template). With --data and --init left at its default, the run
+starts from --model itself.
+
+Without --data the pairs are built on-policy, in rounds (iterative DPO): sample --num-generations
+completions for each of --num-prompts problems from the current policy (rollout.py), score them
+with the task's checker (rewards.py), pair a correct completion (chosen) with an incorrect one
+(rejected), then train on those pairs for --steps / --rounds steps. A prompt whose samples are all
+correct, or all wrong, has nothing to prefer and gives no pair (it is counted: pairs/all_correct,
+pairs/none_correct). This is the recipe of Iterative Reasoning Preference Optimization (Pang et al.
+2024) without its NLL term, and of Self-Rewarding LMs (Yuan et al. 2024) with a checker as the judge.
+
+One step: --batch-size pairs -> one forward over [chosen; rejected] (2B rows, [left-padded prompt |
+right-padded completion]) -> summed completion log-probs -> h against the cached reference
+log-probs -> loss -> optimizer step -> metrics line (TRL names) -> checkpoint.
+
+Algorithmic choices (each a flag; the defaults and where they come from):
+1. h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)], log-probs summed over the
+   completion tokens, EOS included (Rafailov et al. 2023). --loss:
+     sigmoid  -log sigmoid(beta h) (DPO, beta 0.1 as in TRL); with --label-smoothing eps > 0 it is
+              cDPO (Mitchell 2023): -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h), the
+              expected DPO loss when each label is flipped with probability eps (OpenRLHF's sigmoid).
+     robust   rDPO (Chowdhury et al. 2024), TRL's "robust": the unbiased version,
+              [-(1-eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps).
+     ipo      IPO (Azar et al. 2023): (h - 1/(2 beta))^2, with log-probs AVERAGED over each
+              completion's tokens instead of summed (TRL's convention, confirmed with the IPO authors;
+              OpenRLHF sums). The logged rewards/* and logps/* are then per-token averages too.
+     hinge    SLiC (Zhao et al. 2023): relu(1 - beta h).
+   --label-smoothing applies to sigmoid and robust only.
+2. The reference is the starting policy, and its log-probs are computed once, without grad, before
+   training (TRL's precompute_ref_log_probs), then cached in OUT/ref_logps.pt and reused on --resume:
+   no second model is in memory while training. With --rounds > 1 each round's reference is the
+   policy at the start of that round (Pang et al. 2024; Yuan et al. 2024), so it is again just the
+   current model, scored once before the round's first step.
+3. Dropout is off while training (the model stays in eval mode; TRL's disable_dropout): at step 0
+   the policy must score each pair exactly as the reference did, so h = 0 and the loss is log 2.
+4. Logged implicit rewards beta * (log pi - log pi_ref) for chosen and rejected, their margin, and
+   the fraction of pairs with chosen reward > rejected reward (rewards/accuracies).
+5. AdamW (weight decay 0), linear warmup then cosine decay to 10%, gradient-norm clipping at 1.0.
+"""
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import rewards
+import sft
+from model import (ShuffledCycle, check_text_or_messages, encode_example, encode_prompt, load, load_state,
+                   parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs,
+                   write_config)
+from rollout import generate
+
+
+@dataclass
+class DPOConfig:
+    """DPO (sigmoid / cDPO / robust / IPO / hinge) on JSONL pairs or on-policy pairs."""
+    model: str = "tiny"            # base model: "tiny" (built in) or a local HF directory
+    init: str = "runs/sft"         # checkpoint to start from (policy and reference); "scratch" = --model as is.
+                                   # Built by sft.py on first use (built-in task); with --data, the default means --model
+    data: str = ""                 # JSONL preference pairs; empty = on-policy pairs from --task
+    task: str = "add"              # built-in task (rewards.TASKS)
+    out: str = "runs/dpo"
+    loss: str = "sigmoid"          # sigmoid | robust | ipo | hinge
+    beta: float = 0.1
+    label_smoothing: float = 0.0   # eps: cDPO with sigmoid, rDPO with robust
+    steps: int = 120               # optimizer steps in all
+    batch_size: int = 32           # pairs per step
+    lr: float = 1e-4               # right for the tiny model; ~5e-7 for a real 0.5B-7B model
+    warmup: int = 10
+    grad_clip: float = 1.0
+    max_length: int = 1024         # prompt + completion tokens of a JSONL pair; longer is an error
+    rounds: int = 2                # on-policy rounds: fresh pairs and a fresh reference each (1 with --data)
+    num_prompts: int = 1024        # problems sampled per round
+    num_generations: int = 8       # k, completions per problem
+    pairs_per_prompt: int = 1      # at most this many disjoint (correct, incorrect) pairs per problem
+    temperature: float = 1.0       # sampling temperature for the on-policy completions
+    max_new_tokens: int = 48
+    generation_batch: int = 512    # sequences per rollout.generate call (memory)
+    micro_batch: int = 64          # pairs per forward/backward (gradients accumulate; memory)
+    eval_n: int = 500              # held-out problems, greedy, before/after (built-in task only)
+    eval_every: int = 0            # also every N steps, for the learning curve (0 = only before/after)
+    save_every: int = 30
+    resume: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    threads: int = 2
+
+
+# -----------------------------------------------------------------------------
+# The losses: small pure functions of h (B,), the chosen-minus-rejected log-ratio margin
+
+def sigmoid_loss(h, beta, label_smoothing=0.0):
+    """DPO: -log sigmoid(beta h) (Rafailov et al. 2023). With label smoothing eps, cDPO (Mitchell
+    2023): the expected DPO loss when the label is flipped with probability eps,
+    -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)."""
+    objective = (1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)
+    return -objective
+
+
+def robust_loss(h, beta, label_smoothing=0.0):
+    """rDPO (Chowdhury et al. 2024), as TRL's "robust": an unbiased estimate of the clean DPO loss
+    under label noise eps < 1/2: [-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps)."""
+    eps = label_smoothing
+    return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+
+def ipo_loss(h, beta, label_smoothing=0.0):
+    """IPO (Azar et al. 2023): regress h onto 1/(2 beta), (h - 1/(2 beta))^2. Here h is built from
+    per-token AVERAGED log-probs (TRL's convention); see sequence_logps."""
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(h, beta, label_smoothing=0.0):
+    """SLiC (Zhao et al. 2023): relu(1 - beta h); zero once the margin beta h reaches 1."""
+    return torch.relu(1 - beta * h)
+
+
+LOSSES = {"sigmoid": sigmoid_loss, "robust": robust_loss, "ipo": ipo_loss, "hinge": hinge_loss}
+
+
+def sequence_logps(token_logp_sums, num_tokens, loss):
+    """Summed completion log-probs (B,) -> what h is made of: the sums, or per-token averages for IPO."""
+    return token_logp_sums / num_tokens.clamp(min=1) if loss == "ipo" else token_logp_sums
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss="sigmoid", label_smoothing=0.0):
+    """Per-pair losses (B,) and the implicit rewards beta * (log pi - log pi_ref) of chosen and
+    rejected (B,) each, detached. All inputs (B,) sequence log-probs (see sequence_logps)."""
+    h = (pi_c - ref_c) - (pi_r - ref_r)                               # (B,)
+    losses = LOSSES[loss](h, beta, label_smoothing)
+    return losses, beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+
+
+# -----------------------------------------------------------------------------
+# Pairs: a small record of token ids; one forward scores chosen and rejected together
+
+@dataclass
+class Pair:
+    prompt: list      # prompt ids (chat template and generation prompt included)
+    chosen: list      # completion ids, ending with EOS (unless an on-policy sample was truncated)
+    rejected: list
+
+
+def collate_pairs(pairs, pad_id, device):
+    """B pairs -> one batch of 2B rows, chosen rows first, then rejected: input_ids, attention_mask
+    (2B, P+C) as [left-padded prompt | right-padded completion], completion mask (2B, C)."""
+    examples = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    return sft.collate(examples, pad_id, device)
+
+
+def pair_logps(model, pairs, pad_id, device):
+    """Summed completion log-probs and completion lengths of chosen and rejected, in ONE forward over
+    the concatenated batch [chosen; rejected]: (2B,) each, chosen rows first. Grad flows if enabled."""
+    ids, attn, mask = collate_pairs(pairs, pad_id, device)
+    logp = token_logprobs(model, ids, attn, mask.shape[1])            # (2B, C)
+    return (logp * mask).sum(1), mask.sum(1)
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, pad_id, device, micro_batch):
+    """(N, 2) summed log-probs [chosen, rejected] of every pair under `model`, computed once."""
+    out = []
+    for i in range(0, len(pairs), micro_batch):
+        s, _ = pair_logps(model, pairs[i:i + micro_batch], pad_id, device)
+        out.append(s.view(2, -1).T)                                   # (b, 2)
+    return torch.cat(out).cpu()
+
+
+def fingerprint(pairs):
+    """A hash of every token id: a cached reference must belong to exactly these pairs."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()
+
+
+def split_prompt(row):
+    """A TRL preference row -> (prompt, chosen, rejected). Explicit: the row's prompt. Implicit
+    (no "prompt"): conversational rows share every message but the final assistant one, which is
+    the completion; standard rows split at the end of the shared string prefix (TRL's rule: a space
+    just before the split goes with the completion)."""
+    if "prompt" in row:
+        check_text_or_messages(row, "prompt")
+        last = "assistant" if isinstance(row["prompt"], list) else None
+        check_text_or_messages(row, "chosen", last_role=last)
+        check_text_or_messages(row, "rejected", last_role=last)
+        return row["prompt"], row["chosen"], row["rejected"]
+    check_text_or_messages(row, "chosen")
+    check_text_or_messages(row, "rejected")
+    c, r = row["chosen"], row["rejected"]
+    if isinstance(c, list) != isinstance(r, list):
+        raise ValueError("'chosen' and 'rejected' must both be strings or both be message lists")
+    if isinstance(c, list):
+        check_text_or_messages(row, "chosen", last_role="assistant")
+        check_text_or_messages(row, "rejected", last_role="assistant")
+        if len(c) < 2 or c[:-1] != r[:-1]:
+            raise ValueError("implicit prompt: 'chosen' and 'rejected' must share every message but the final "
+                             "assistant one (that shared prefix is the prompt); or give a 'prompt' field")
+        return c[:-1], c[-1:], r[-1:]
+    n = 0
+    while n < min(len(c), len(r)) and c[n] == r[n]:
+        n += 1
+    if n > 0 and c[n - 1] == " ":
+        n -= 1
+    if n == 0:
+        raise ValueError("implicit prompt: 'chosen' and 'rejected' share no prefix to use as the prompt")
+    return c[:n], c[n:], r[n:]
+
+
+def encode_pair(tok, row, max_length):
+    """A JSONL row -> Pair of token ids; model.encode_example does the templating (no double BOS/EOS)."""
+    prompt, chosen, rejected = split_prompt(row)
+    p, c = encode_example(tok, prompt, chosen)
+    p2, r = encode_example(tok, prompt, rejected)
+    assert p == p2
+    n = len(p) + max(len(c), len(r))
+    if n > max_length:
+        raise ValueError(f"pair has {n} tokens > --max-length {max_length}")
+    return Pair(p, c, r)
+
+
+def build_pairs(scores, k, pairs_per_prompt=1):
+    """Pair the k scored samples of each prompt (grouped consecutively in `scores`, P*k floats or None
+    for unscored). A best-scoring sample is chosen, a worst-scoring one rejected; prompts whose scored
+    samples all tie (all correct, or none correct) give no pair. Up to pairs_per_prompt disjoint pairs
+    per prompt: the i-th best with the i-th worst, in sample order (samples are i.i.d., so the first
+    of several tied samples is as good as a random one). Returns [(chosen index, rejected index)]
+    into `scores`, and the counts of prompts without a pair."""
+    pairs, counts = [], {"all_correct": 0, "none_correct": 0, "unscored": 0}
+    for g in range(len(scores) // k):
+        idx = [i for i in range(g * k, (g + 1) * k) if scores[i] is not None]
+        if not idx:
+            counts["unscored"] += 1
+            continue
+        hi, lo = max(scores[i] for i in idx), min(scores[i] for i in idx)
+        if hi == lo:
+            counts["all_correct" if hi > 0 else "none_correct"] += 1
+            continue
+        best = [i for i in idx if scores[i] == hi]
+        worst = [i for i in idx if scores[i] == lo]
+        pairs += list(zip(best, worst))[:pairs_per_prompt]
+    return pairs, counts
+
+
+def sample_pairs(model, tok, problems, cfg):
+    """One on-policy round: k completions per problem from the current policy, scored by the task's
+    checker, paired by build_pairs. Returns the pairs, their texts (for logging) and round stats."""
+    k = cfg.num_generations
+    prompts = [encode_prompt(tok, p.row()["prompt"]) for p in problems]
+    flat = [ids for ids in prompts for _ in range(k)]                 # each prompt k times, grouped
+    model.eval()
+    comps, texts = [], []
+    for i in range(0, len(flat), cfg.generation_batch):
+        r = generate(model, tok, flat[i:i + cfg.generation_batch], cfg.max_new_tokens, cfg.temperature)
+        # exactly the sampled tokens, up to and including EOS: the policy's own sequences, not re-tokenized text
+        comps += [row[m.bool()].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
+        texts += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
+    rows = [p.row() for p in problems for _ in range(k)]
+    check = rewards.countdown_reward if problems[0].columns else rewards.accuracy_reward
+    scores = check([r["prompt"] for r in rows], texts, **{c: [r[c] for r in rows] for c in rows[0] if c != "prompt"})
+    index, counts = build_pairs(scores, k, cfg.pairs_per_prompt)
+    pairs = [Pair(flat[w], comps[w], comps[l]) for w, l in index]
+    shown = [{"prompt": problems[w // k].prompt, "chosen": texts[w], "rejected": texts[l]} for w, l in index[:2]]
+    valid = [s for s in scores if s is not None]
+    stats = {"pairs/num": len(pairs), **{f"pairs/{c}": n for c, n in counts.items()},
+             "pairs/sampled_accuracy": sum(valid) / max(len(valid), 1)}
+    return pairs, shown, stats
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg):
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    print(json.dumps(vars(cfg)))
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.label_smoothing and cfg.loss not in ("sigmoid", "robust"):
+        raise ValueError("--label-smoothing applies to --loss sigmoid (cDPO) and robust only")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise ValueError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    held = rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n and not cfg.data else []
+
+    # The cold start, as in grpo.py: the default init directory is built by sft.py the first time.
+    own_data = cfg.data and cfg.init == DPOConfig.init   # your pairs, your --model
+    if cfg.init != "scratch" and not own_data and not os.path.isdir(cfg.init):
+        if cfg.init != DPOConfig.init:
+            raise FileNotFoundError(f"--init {cfg.init!r} does not exist (use 'scratch' to start from --model)")
+        print(f"no cold-start checkpoint at {cfg.init}: running sft.py first")
+        sft.main(sft.SFTConfig(model=cfg.model, task=cfg.task, out=cfg.init, device=cfg.device,
+                               seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n))
+        seed_everything(cfg.seed)
+    start = cfg.model if cfg.init == "scratch" or own_data else cfg.init
+    model, tok = load(start, cfg.device, seed=cfg.seed)
+    file_pairs = None
+    if cfg.data:  # every row is checked and tokenized here, before anything is written
+        file_pairs = []
+        read_jsonl(cfg.data, lambda row: file_pairs.append(encode_pair(tok, row, cfg.max_length)))
+    stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)  # GRPO's prompt stream
+    write_config(cfg, cfg.out)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sft.cosine_lr(s, cfg.warmup, cfg.steps))
+    rounds = 1 if cfg.data else cfg.rounds                            # a file's pairs: one round, one reference
+    per_round = -(-cfg.steps // rounds)                               # steps per round (ceil)
+    step, history, rounds_log, data_state = 0, [], [], None
+    if cfg.resume:
+        st = load_state(cfg.out)
+        model.load_state_dict(load(cfg.out, cfg.device)[0].state_dict())
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, history, rounds_log, data_state = st["step"], st["history"], st["rounds"], st["data"]
+        stream.seek(data_state["stream"])
+        set_rng_state(st["rng"])
+
+    def evaluate():
+        acc, comps = sft.evaluate(model, tok, held, cfg.max_new_tokens)
+        history.append({"step": step, "held_out_accuracy": acc})
+        return acc, comps
+
+    cache_path = os.path.join(cfg.out, "ref_logps.pt")
+    pairs = ref = cycle = None
+
+    def start_round(r):
+        """This round's pairs and their reference log-probs: from the cache when resuming inside the
+        round, else built now (sampled on-policy, or the file's) and scored by the current model."""
+        nonlocal pairs, ref, cycle
+        cache = torch.load(cache_path, weights_only=False) if os.path.exists(cache_path) else None
+        resuming = data_state is not None and (step % per_round or cfg.data)
+        if resuming:
+            if cache is None or cache["round"] != r:
+                raise FileNotFoundError(f"--resume: no reference log-probs for round {r} in {cache_path}; they "
+                                        f"cannot be recomputed from the trained weights")
+            pairs = file_pairs if cfg.data else [Pair(*p) for p in cache["pairs"]]
+            if cache["fingerprint"] != fingerprint(pairs):
+                raise ValueError(f"--resume: {cache_path} belongs to other pairs (did --data change?)")
+            ref, stats = cache["ref"], cache["stats"]
+        else:
+            t0 = time.time()
+            if cfg.data:
+                pairs, shown, stats = file_pairs, [], {"pairs/num": len(file_pairs)}
+            else:
+                pairs, shown, stats = sample_pairs(model, tok, stream.take(cfg.num_prompts), cfg)
+                if not pairs:
+                    raise RuntimeError(f"round {r}: no prompt had both a correct and an incorrect sample "
+                                       f"({stats}); sample more (--num-prompts, --num-generations, --temperature)")
+            ref = reference_logps(model, pairs, tok.pad_token_id, cfg.device, cfg.micro_batch)  # (N, 2)
+            stats["time/pairs"] = time.time() - t0                   # sampling, scoring, reference
+            torch.save({"round": r, "fingerprint": fingerprint(pairs), "ref": ref, "stats": stats,
+                        "pairs": None if cfg.data else [(p.prompt, p.chosen, p.rejected) for p in pairs]},
+                       cache_path)
+            rounds_log.append({"round": r, "step": step, **stats})
+            tqdm.write(f"[round {r}] {json.dumps(stats)}")
+            for s in shown:
+                samples_log.write(json.dumps({"round": r, **s}) + "\n")
+                tqdm.write(f"  {s['prompt']!r}: chosen {s['chosen']!r} / rejected {s['rejected']!r}")
+            samples_log.flush()
+        cycle = ShuffledCycle(len(pairs), cfg.seed + 1000 * r)
+        if resuming:
+            cycle.load(data_state["pairs"])
+        return stats
+
+    def checkpoint():
+        save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                                   "history": history, "rounds": rounds_log, "rng": rng_state(),
+                                   "data": {"stream": stream.position, "pairs": cycle.state()},
+                                   "config": vars(cfg)})
+
+    if held and step == 0:
+        acc0, _ = evaluate()
+        print(f"held-out greedy accuracy before DPO: {acc0:.3f}")
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    samples_log = open(os.path.join(cfg.out, "samples.jsonl"), "a")
+    bar = tqdm(total=cfg.steps, initial=step, desc="dpo", dynamic_ncols=True)
+    round_stats = {}
+    while step < cfg.steps:
+        r = step // per_round
+        if pairs is None or step % per_round == 0:
+            round_stats = start_round(r)
+            data_state = None                                         # resumed: from here on, a normal run
+        t0 = time.time()
+        model.eval()  # no dropout: the policy scores a pair as the reference did (h = 0 at step 0)
+        idx = cycle.take(cfg.batch_size)
+        B = len(idx)
+        opt.zero_grad(set_to_none=True)
+        acc = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                "logps/chosen", "logps/rejected")}
+        num_tokens = 0
+        for i in range(0, B, cfg.micro_batch):
+            mb = idx[i:i + cfg.micro_batch]
+            sums, lens = pair_logps(model, [pairs[j] for j in mb], tok.pad_token_id, cfg.device)  # (2b,)
+            b = len(mb)
+            ref_sums = ref[mb].to(cfg.device)                         # (b, 2)
+            pi = sequence_logps(sums, lens, cfg.loss)                 # (2b,): chosen rows, then rejected
+            ref_seq = sequence_logps(ref_sums.T.reshape(-1), lens, cfg.loss)
+            losses, rw_c, rw_r = dpo_loss(pi[:b], pi[b:], ref_seq[:b], ref_seq[b:], cfg.beta, cfg.loss,
+                                          cfg.label_smoothing)
+            (losses.sum() / B).backward()                             # micro-batch share of the batch mean
+            acc["loss"] += float(losses.detach().sum()) / B
+            acc["rewards/chosen"] += float(rw_c.sum()) / B
+            acc["rewards/rejected"] += float(rw_r.sum()) / B
+            acc["rewards/accuracies"] += float((rw_c > rw_r).float().sum()) / B
+            acc["logps/chosen"] += float(pi[:b].detach().sum()) / B
+            acc["logps/rejected"] += float(pi[b:].detach().sum()) / B
+            num_tokens += int(lens.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+
+        # ---- metrics (TRL names) -------------------------------------------------------------------
+        metrics = {"step": step, "round": r, **acc, "rewards/margins": acc["rewards/chosen"] - acc["rewards/rejected"],
+                   "grad_norm": float(grad_norm), "learning_rate": sched.get_last_lr()[0],
+                   "num_tokens": num_tokens, "epoch": cycle.epoch + cycle.pos / len(pairs), **round_stats,
+                   "step_time": time.time() - t0}
+        if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            metrics["held_out_accuracy"] = evaluate()[0]
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.2f}",
+                        acc=f"{metrics['rewards/accuracies']:.2f}", round=r)
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            checkpoint()
+    bar.close()
+    summary = {}
+    if held:
+        acc1, _ = evaluate()
+        before = history[0]["held_out_accuracy"]
+        summary = {"held_out_accuracy_before": before, "held_out_accuracy_after": acc1, "n": len(held),
+                   "history": history, "rounds": rounds_log}
+        print(f"\nheld-out greedy accuracy on {len(held)} {cfg.task} problems: "
+              f"before DPO {before:.3f} -> after DPO {acc1:.3f} ({'+' if acc1 >= before else ''}"
+              f"{100 * (acc1 - before):.1f} points)")
+    if cycle is not None:
+        checkpoint()
+    with open(os.path.join(cfg.out, "result.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log.close()
+    samples_log.close()
+    return model, tok, summary
+
+
+if __name__ == "__main__":
+    main(parse_config(DPOConfig))
