@@ -325,7 +325,8 @@ def main(cfg):
             kept.append((roll, prompts, texts, per_fn, R, keep))
             if not cfg.dynamic_sampling or sum(int(k[-1].sum()) for k in kept) >= P or rounds > cfg.max_resample:
                 break
-        roll, prompts, texts, per_fn, R, mask_c, trunc = merge_rounds(kept, P, G, tok.pad_token_id)
+        roll, prompts, texts, per_fn, R = merge_rounds(kept, P, G, tok.pad_token_id)
+        mask_c, trunc = roll.completion_mask, roll.truncated                             # (B, C), (B,)
         t_rollout = time.time() - t0
 
         adv = group_advantages(R, G, cfg.scale_rewards, rloo=cfg.advantage == "rloo")   # (B,)
@@ -476,7 +477,7 @@ def merge_rounds(kept, P, G, pad_id):
         fns.append(per_fn[s])
         Rs.append(R[s])
     merged = Rollout(torch.cat(ids), torch.cat(attn), torch.cat(cmask), None, torch.cat(trunc), Pm)
-    return merged, prompts_out, texts_out, torch.cat(fns), torch.cat(Rs), merged.completion_mask, merged.truncated
+    return merged, prompts_out, texts_out, torch.cat(fns), torch.cat(Rs)
 
 
 if __name__ == "__main__":

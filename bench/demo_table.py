@@ -6,7 +6,7 @@ greedy accuracy on the same 500 held-out problems. Runs the default commands onc
     python grpo.py --seed S --init scratch          --out runs/demo/scratch-sS  # no cold start
 
 then prints the table (mean ± sample std over seeds) and draws docs/grpo_curve.svg (reward and
-held-out accuracy over GRPO steps). Usage: python bench/demo_table.py [--seeds 0 1 2] [--jobs 2]
+held-out accuracy over GRPO steps). Usage: python bench/demo_table.py [--seeds 0 1 2] [--jobs 2] [--threads 1]
 Any extra arguments after -- go to every grpo.py call."""
 import argparse
 import json
@@ -75,12 +75,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (default: 2 // jobs)")
     ap.add_argument("--report-only", action="store_true", help="only read finished runs")
     a, extra = ap.parse_known_args()
     extra = [x for x in extra if x != "--"]
     os.makedirs(OUT, exist_ok=True)
     if not a.report_only:
-        threads = max(1, 2 // a.jobs)
+        threads = a.threads or max(1, 2 // a.jobs)
         with ThreadPoolExecutor(a.jobs) as ex:
             list(ex.map(lambda s: seed_runs(s, threads, extra), a.seeds))
     base, scratch, scratch_zero, sft, rl = [], [], [], [], []

@@ -301,7 +301,8 @@ def test_merge_rounds_keeps_groups_in_order_and_pads():
     completions right-padded (with pad id, attention 0, completion mask 0) to the longest."""
     r1 = _round(3, 2, 100, [False, True])    # group 1 of round 1 kept
     r2 = _round(4, 3, 200, [True, True])     # both groups of round 2 kept; only the first fits (P=2)
-    merged, prompts, texts, per_fn, R, cmask, trunc = merge_rounds([r1, r2], 2, 2, pad_id=-1)
+    merged, prompts, texts, per_fn, R = merge_rounds([r1, r2], 2, 2, pad_id=-1)
+    cmask, trunc = merged.completion_mask, merged.truncated
     assert merged.prompt_len == 4 and merged.input_ids.shape == (4, 7)
     assert prompts == ["p100_2", "p100_3", "p200_0", "p200_1"]
     assert texts == ["t100_2", "t100_3", "t200_0", "t200_1"]
@@ -318,6 +319,6 @@ def test_merge_rounds_nothing_kept_uses_last_round():
     """When no group had signal in any round, the last round is used as it is."""
     r1 = _round(3, 2, 100, [False, False])
     r2 = _round(4, 3, 200, [False, False])
-    merged, prompts, _, _, R, _, _ = merge_rounds([r1, r2], 2, 2, pad_id=-1)
+    merged, prompts, _, _, R = merge_rounds([r1, r2], 2, 2, pad_id=-1)
     assert torch.equal(merged.input_ids, r2[0].input_ids)
     assert R.tolist() == [200.0, 201.0, 202.0, 203.0]
