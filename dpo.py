@@ -12,11 +12,16 @@ starts from --model itself.
 
 Without --data the pairs are built on-policy, in rounds (iterative DPO): sample --num-generations
 completions for each of --num-prompts problems from the current policy (rollout.py), score them
-with the task's checker (rewards.py), pair a correct completion (chosen) with an incorrect one
+with the task's checker (rewards.py), pair correct completions (chosen) with incorrect ones
 (rejected), then train on those pairs for --steps / --rounds steps. A prompt whose samples are all
 correct, or all wrong, has nothing to prefer and gives no pair (it is counted: pairs/all_correct,
 pairs/none_correct). This is the recipe of Iterative Reasoning Preference Optimization (Pang et al.
 2024) without its NLL term, and of Self-Rewarding LMs (Yuan et al. 2024) with a checker as the judge.
+Why rounds: DPO revisits its pairs, GRPO never does. One round of ~90 pairs trained for ~10 epochs
+pushed the rejected log-probs from -6 to -13 and took held-out accuracy from 61% to 41% (seed 1,
+200 problems); five rounds of ~1 epoch each over ~400-600 fresh pairs take it from 58% to 73%.
+The default (5 rounds x 1024 problems x 8 samples, up to 4 pairs per problem, 20 steps of 32 pairs
+per round) runs in about 3 minutes on one CPU thread; sampling is most of it.
 
 One step: --batch-size pairs -> one forward over [chosen; rejected] (2B rows, [left-padded prompt |
 right-padded completion]) -> summed completion log-probs -> h against the cached reference
@@ -45,6 +50,9 @@ Algorithmic choices (each a flag; the defaults and where they come from):
 4. Logged implicit rewards beta * (log pi - log pi_ref) for chosen and rejected, their margin, and
    the fraction of pairs with chosen reward > rejected reward (rewards/accuracies).
 5. AdamW (weight decay 0), linear warmup then cosine decay to 10%, gradient-norm clipping at 1.0.
+6. On-policy pairs (build_pairs): per problem, up to --pairs-per-prompt disjoint (correct, incorrect)
+   pairs by the checker's score; equal scores never make a pair. The completions are the sampled
+   token ids themselves, up to and including EOS, never decoded and re-tokenized text.
 """
 import hashlib
 import json
@@ -76,23 +84,23 @@ class DPOConfig:
     loss: str = "sigmoid"          # sigmoid | robust | ipo | hinge
     beta: float = 0.1
     label_smoothing: float = 0.0   # eps: cDPO with sigmoid, rDPO with robust
-    steps: int = 120               # optimizer steps in all
+    steps: int = 100               # optimizer steps in all (--rounds rounds of steps / rounds each)
     batch_size: int = 32           # pairs per step
     lr: float = 1e-4               # right for the tiny model; ~5e-7 for a real 0.5B-7B model
     warmup: int = 10
     grad_clip: float = 1.0
     max_length: int = 1024         # prompt + completion tokens of a JSONL pair; longer is an error
-    rounds: int = 2                # on-policy rounds: fresh pairs and a fresh reference each (1 with --data)
+    rounds: int = 5                # on-policy rounds: fresh pairs and a fresh reference each (1 with --data)
     num_prompts: int = 1024        # problems sampled per round
     num_generations: int = 8       # k, completions per problem
-    pairs_per_prompt: int = 1      # at most this many disjoint (correct, incorrect) pairs per problem
+    pairs_per_prompt: int = 4      # at most this many disjoint (correct, incorrect) pairs per problem
     temperature: float = 1.0       # sampling temperature for the on-policy completions
     max_new_tokens: int = 48
     generation_batch: int = 512    # sequences per rollout.generate call (memory)
     micro_batch: int = 64          # pairs per forward/backward (gradients accumulate; memory)
     eval_n: int = 500              # held-out problems, greedy, before/after (built-in task only)
     eval_every: int = 0            # also every N steps, for the learning curve (0 = only before/after)
-    save_every: int = 30
+    save_every: int = 20
     resume: bool = False
     device: str = "cpu"
     seed: int = 0

@@ -172,7 +172,7 @@ def test_on_policy_pairs_chosen_correct_rejected_wrong(monkeypatch, tiny):
 
     monkeypatch.setattr(rewards, "accuracy_reward", checker)
     torch.manual_seed(0)
-    cfg = quiet_dpo()
+    cfg = quiet_dpo(pairs_per_prompt=1)
     problems = rewards.ProblemStream("add", seed=5).take(8)
     pairs, shown, stats = dpo.sample_pairs(m, tok, problems, cfg)
     assert calls["n"] == 8 * 4
@@ -386,3 +386,25 @@ def test_resume_refuses_a_reference_cache_of_other_data(tmp_path, monkeypatch):
     write_rows(data, ROWS[::-1])
     with pytest.raises(ValueError, match="belongs to other pairs"):
         dpo.main(quiet_dpo(resume=True, **kw))
+
+
+def test_micro_batches_accumulate_the_full_batch_gradient(tmp_path):
+    """--micro-batch only splits the forward/backward: one pair per forward gives the same step-1 loss,
+    metrics and gradient norm (of the accumulated gradient) as all four pairs in one forward."""
+    data = write_rows(tmp_path / "pairs.jsonl", ROWS)
+    runs = {}
+    for mb in (1, 4):
+        out = str(tmp_path / f"mb{mb}")
+        dpo.main(quiet_dpo(data=data, out=out, steps=1, batch_size=4, micro_batch=mb, lr=1e-3))
+        runs[mb] = metrics(os.path.join(out, "metrics.jsonl"))[0]
+    for k in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "num_tokens"):
+        assert runs[1][k] == pytest.approx(runs[4][k], rel=1e-5, abs=1e-6), k
+    assert runs[1]["grad_norm"] > 0
+
+
+def test_missing_init_dir(tmp_path):
+    """A non-default --init that does not exist is an error (only the default is built by sft.py)."""
+    out = str(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dpo.main(quiet_dpo(init=str(tmp_path / "nope"), out=out))
+    assert not os.path.exists(out)
