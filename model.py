@@ -21,7 +21,7 @@ import shutil
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config
 
 # -----------------------------------------------------------------------------
 # The built-in tokenizer: one token per printable ASCII character, plus the chat/role tokens and the
@@ -46,17 +46,22 @@ CHAT_TEMPLATE = (
 
 
 def build_char_tokenizer():
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    chars = [chr(i) for i in range(32, 127)]
+    # A Qwen2Tokenizer (byte-level BPE) with no merges is a character tokenizer. Using Qwen's own class,
+    # rather than a generic one, matters on reload: AutoTokenizer.from_pretrained picks the tokenizer
+    # class from config.json's model_type (qwen2) and rebuilds it from vocab + merges, so any other
+    # class would come back as a byte-level Qwen2Tokenizer with a different vocabulary. Byte-level BPE
+    # spells bytes as printable characters (space is "\u0120"), hence the mapping of the vocabulary.
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+    byte_char = bytes_to_unicode()
+    chars = [byte_char[i] for i in range(32, 127)]
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + TAG_TOKENS + chars)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is a word
-    tk.decoder = decoders.Fuse()                             # and decoding just concatenates
-    tk.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
-    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", eos_token="<eos>", pad_token="<pad>",
+                         padding_side="left")  # generation pads on the left; training builds its own layout
+    tok.add_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS[3:]] +
+                   [AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
     tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"  # generation pads on the left; training builds its own layout
     return tok
 
 

@@ -198,7 +198,7 @@ def test_rows_tokenize_to_expected_ids_and_masks(tok):
     prefix / the shared string prefix (a space goes with the completion, as in TRL). The batch is
     [chosen; rejected] rows, [left-padded prompt | right-padded completion], masks on completion + EOS."""
     v, eos, pad = tok.get_vocab(), tok.eos_token_id, tok.pad_token_id
-    ids = lambda s: [v[ch] for ch in s]
+    ids = lambda s: [v[ch if ch != " " else "\u0120"] for ch in s]  # byte-level BPE spells space as U+0120
     U, A, S = v["<|user|>"], v["<|assistant|>"], v["<|system|>"]
     enc = [dpo.encode_pair(tok, r, 1024) for r in ROWS]
     assert enc[0] == dpo.Pair(ids("12+34="), ids("46") + [eos], ids("47") + [eos])

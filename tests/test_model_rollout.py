@@ -52,6 +52,26 @@ def test_tokenizer_ids_and_chat_template(tok):
     assert tok.decode([v["<|user|>"]] + ids, skip_special_tokens=True) == text
 
 
+def test_tokenizer_round_trips_through_autotokenizer(tok, tmp_path):
+    """A saved checkpoint's tokenizer, reloaded with AutoTokenizer, is the same character tokenizer:
+    same ids for text with spaces, tags and specials, spaces kept on decode, same chat template,
+    left padding. (A generic tokenizer class would come back as a byte-level Qwen2Tokenizer, because
+    AutoTokenizer picks the class from config.json's model_type, and would drop the spaces.)"""
+    m, _ = M.load("tiny")
+    M.save(m, tok, str(tmp_path))
+    t2 = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "<|user|>What is 12 + 345?<|assistant|><think>12 + 345 = 357</think> <answer>357</answer><eos>"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) == len("What is 12 + 345?") + len("12 + 345 = 357") + len(" 357") + 7  # 7 tag/role tokens
+    assert t2(text, add_special_tokens=False).input_ids == ids
+    assert t2.decode(ids) == text
+    assert t2.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+    assert (len(t2), t2.pad_token_id, t2.eos_token_id, t2.padding_side) == (len(tok), tok.pad_token_id,
+                                                                           tok.eos_token_id, "left")
+    msgs = [{"role": "user", "content": "1 + 2"}, {"role": "assistant", "content": "<answer>3</answer>"}]
+    assert M.chat_ids(t2, msgs, False) == M.chat_ids(tok, msgs, False)
+
+
 def test_check_tokenizer_rejects_pad_equal_eos():
     """check_tokenizer raises when pad == eos (or a pad is missing) and accepts the built-in one."""
     t = M.build_char_tokenizer()
