@@ -1,9 +1,10 @@
-"""The README's results table: base vs GRPO-only vs cold-start SFT vs SFT -> GRPO, several seeds,
-greedy accuracy on the same 500 held-out problems. Runs the default commands once per seed:
+"""The README's results table: base vs GRPO-only vs cold-start SFT vs SFT -> GRPO vs SFT -> DPO,
+several seeds, greedy accuracy on the same 500 held-out problems. Runs the default commands once per seed:
 
     python sft.py  --seed S --out runs/demo/sft-sS
     python grpo.py --seed S --init runs/demo/sft-sS --out runs/demo/grpo-sS     # = python grpo.py
     python grpo.py --seed S --init scratch          --out runs/demo/scratch-sS  # no cold start
+    python dpo.py  --seed S --init runs/demo/sft-sS --out runs/demo/dpo-sS      # = python dpo.py
 
 then prints the table (mean ± sample std over seeds) and draws docs/grpo_curve.svg (reward and
 held-out accuracy over GRPO steps). Usage: python bench/demo_table.py [--seeds 0 1 2] [--jobs 2] [--threads 1]
@@ -28,10 +29,11 @@ def run(args, threads):
 
 
 def seed_runs(seed, threads, extra):
-    sft, grpo, scratch = (os.path.join(OUT, f"{k}-s{seed}") for k in ("sft", "grpo", "scratch"))
+    sft, grpo, scratch, dpo = (os.path.join(OUT, f"{k}-s{seed}") for k in ("sft", "grpo", "scratch", "dpo"))
     run(["sft.py", "--seed", str(seed), "--out", sft], threads)
     run(["grpo.py", "--seed", str(seed), "--init", sft, "--out", grpo, *extra], threads)
     run(["grpo.py", "--seed", str(seed), "--init", "scratch", "--out", scratch, *extra], threads)
+    run(["dpo.py", "--seed", str(seed), "--init", sft, "--out", dpo], threads)
 
 
 def read(path, name):
@@ -84,7 +86,7 @@ if __name__ == "__main__":
         threads = a.threads or max(1, 2 // a.jobs)
         with ThreadPoolExecutor(a.jobs) as ex:
             list(ex.map(lambda s: seed_runs(s, threads, extra), a.seeds))
-    base, scratch, scratch_zero, sft, rl = [], [], [], [], []
+    base, scratch, scratch_zero, sft, rl, dpo = [], [], [], [], [], []
     for s in a.seeds:
         g, z = read(os.path.join(OUT, f"grpo-s{s}"), "result.json"), read(os.path.join(OUT, f"scratch-s{s}"), "result.json")
         base.append(z["held_out_accuracy_before"])
@@ -92,13 +94,16 @@ if __name__ == "__main__":
         scratch_zero.append(statistics.mean(m["frac_reward_zero_std"] for m in read(os.path.join(OUT, f"scratch-s{s}"), "metrics.jsonl")))
         sft.append(g["held_out_accuracy_before"])
         rl.append(g["held_out_accuracy_after"])
+        dpo.append(read(os.path.join(OUT, f"dpo-s{s}"), "result.json")["held_out_accuracy_after"])
     n = len(a.seeds)
     print(f"| run | held-out accuracy, % (mean ± std over {n} seeds) |\n|---|---|")
     print(f"| base (untrained) | {fmt(base)} |")
     print(f"| GRPO only, no cold start (`--init scratch`) | {fmt(scratch)} (frac_reward_zero_std {fmt(scratch_zero, False)}) |")
     print(f"| cold-start SFT only | {fmt(sft)} |")
     print(f"| cold-start SFT → GRPO (the default) | {fmt(rl)} |")
-    print(f"\nper seed: sft {sft}\n          sft->grpo {rl}\n          gain {[round(b - a_, 3) for a_, b in zip(sft, rl)]}")
+    print(f"| cold-start SFT → DPO | {fmt(dpo)} |")
+    print(f"\nper seed: sft {sft}\n          sft->grpo {rl}\n          sft->dpo {dpo}")
+    print(f"gain grpo {[round(b - a_, 3) for a_, b in zip(sft, rl)]}\ngain dpo {[round(b - a_, 3) for a_, b in zip(sft, dpo)]}")
     colors = ["#1f77b4", "#d62728", "#2ca02c"]
     series = []
     for i, s in enumerate(a.seeds[:3]):
