@@ -64,11 +64,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import dist
 import rewards
 import sft
-from model import (ShuffledCycle, check_text_or_messages, encode_example, encode_prompt, load, load_state,
+from model import (ShuffledCycle, TooLong, check_text_or_messages, encode_example, encode_prompt, load, load_state,
                    parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs,
-                   write_config)
+                   trim_log, write_config)
 from rollout import generate
 
 
@@ -89,7 +90,8 @@ class DPOConfig:
     lr: float = 1e-4               # right for the tiny model; ~5e-7 for a real 0.5B-7B model
     warmup: int = 10
     grad_clip: float = 1.0
-    max_length: int = 1024         # prompt + completion tokens of a JSONL pair; longer is an error
+    max_length: int = 1024         # prompt + longer completion, tokens, of a JSONL pair
+    truncation: str = "error"      # a pair over --max-length: error | skip (counted); never cut
     rounds: int = 5                # on-policy rounds: fresh pairs and a fresh reference each (1 with --data)
     num_prompts: int = 1024        # problems sampled per round
     num_generations: int = 8       # k, completions per problem
@@ -236,7 +238,7 @@ def encode_pair(tok, row, max_length):
     assert p == p2
     n = len(p) + max(len(c), len(r))
     if n > max_length:
-        raise ValueError(f"pair has {n} tokens > --max-length {max_length}")
+        raise TooLong(f"pair has {n} tokens > --max-length {max_length}")
     return Pair(p, c, r)
 
 
@@ -292,7 +294,9 @@ def sample_pairs(model, tok, problems, cfg):
 
 def main(cfg):
     torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op
+    rank, world = dist.rank(), dist.world()
+    seed_everything(cfg.seed + rank)             # ranks sample differently; rank 0 is the single-process run
     print(json.dumps(vars(cfg)))
     if cfg.loss not in LOSSES:
         raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
@@ -307,18 +311,24 @@ def main(cfg):
     if cfg.init != "scratch" and not own_data and not os.path.isdir(cfg.init):
         if cfg.init != DPOConfig.init:
             raise FileNotFoundError(f"--init {cfg.init!r} does not exist (use 'scratch' to start from --model)")
+        if world > 1:
+            raise FileNotFoundError(f"--init {cfg.init!r} does not exist: run sft.py (or torchrun sft.py) first")
         print(f"no cold-start checkpoint at {cfg.init}: running sft.py first")
         sft.main(sft.SFTConfig(model=cfg.model, task=cfg.task, out=cfg.init, device=cfg.device,
                                seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n))
         seed_everything(cfg.seed)
     start = cfg.model if cfg.init == "scratch" or own_data else cfg.init
-    model, tok = load(start, cfg.device, seed=cfg.seed)
+    model, tok = load(start, device, seed=cfg.seed)
     file_pairs = None
     if cfg.data:  # every row is checked and tokenized here, before anything is written
         file_pairs = []
-        read_jsonl(cfg.data, lambda row: file_pairs.append(encode_pair(tok, row, cfg.max_length)))
+        read_jsonl(cfg.data, lambda row: file_pairs.append(encode_pair(tok, row, cfg.max_length)), cfg.truncation)
+    elif not getattr(tok, "chat_template", None):  # on-policy prompts are conversational
+        raise ValueError(f"{start}: the built-in task's prompts are conversational and this tokenizer has no "
+                         f"chat template; give --data pairs as plain strings, or a model with a template")
     stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)  # GRPO's prompt stream
-    write_config(cfg, cfg.out)
+    if dist.is_main():
+        write_config(cfg, cfg.out)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sft.cosine_lr(s, cfg.warmup, cfg.steps))
     rounds = 1 if cfg.data else cfg.rounds                            # a file's pairs: one round, one reference
@@ -326,12 +336,12 @@ def main(cfg):
     step, history, rounds_log, data_state = 0, [], [], None
     if cfg.resume:
         st = load_state(cfg.out)
-        model.load_state_dict(load(cfg.out, cfg.device)[0].state_dict())
+        model.load_state_dict(load(cfg.out, device)[0].state_dict())
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, history, rounds_log, data_state = st["step"], st["history"], st["rounds"], st["data"]
         stream.seek(data_state["stream"])
-        set_rng_state(st["rng"])
+        set_rng_state(st["rng_by_rank"][rank] if len(st.get("rng_by_rank", ())) == world else st["rng"])
 
     def evaluate():
         acc, comps = sft.evaluate(model, tok, held, cfg.max_new_tokens)
@@ -357,21 +367,29 @@ def main(cfg):
             ref, stats = cache["ref"], cache["stats"]
         else:
             t0 = time.time()
-            if cfg.data:
+            if cfg.data:  # (every rank scores every pair: the same work, in the time of one process)
                 pairs, shown, stats = file_pairs, [], {"pairs/num": len(file_pairs)}
-            else:
-                pairs, shown, stats = sample_pairs(model, tok, stream.take(cfg.num_prompts), cfg)
+                ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch)  # (N, 2)
+            else:  # each rank samples and scores its slice of the problems; all ranks then hold all pairs
+                pairs, shown, stats = sample_pairs(model, tok, dist.shard(stream.take(cfg.num_prompts)), cfg)
+                ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch) if pairs else \
+                    torch.zeros(0, 2)
+                parts = dist.gather_objects((pairs, ref, stats))
+                pairs, ref = [p for ps, _, _ in parts for p in ps], torch.cat([x for _, x, _ in parts])
+                stats = {k: sum(s[k] for _, _, s in parts) for k in stats}       # counts add up
+                stats["pairs/sampled_accuracy"] /= len(parts)                  # equal shards: the mean
                 if not pairs:
                     raise RuntimeError(f"round {r}: no prompt had both a correct and an incorrect sample "
                                        f"({stats}); sample more (--num-prompts, --num-generations, --temperature)")
-            ref = reference_logps(model, pairs, tok.pad_token_id, cfg.device, cfg.micro_batch)  # (N, 2)
             stats["time/pairs"] = time.time() - t0                   # sampling, scoring, reference
-            torch.save({"round": r, "fingerprint": fingerprint(pairs), "ref": ref, "stats": stats,
-                        "pairs": None if cfg.data else [(p.prompt, p.chosen, p.rejected) for p in pairs]},
-                       cache_path)
+            if dist.is_main():
+                torch.save({"round": r, "fingerprint": fingerprint(pairs), "ref": ref, "stats": stats,
+                            "pairs": None if cfg.data else [(p.prompt, p.chosen, p.rejected) for p in pairs]},
+                           cache_path)
             rounds_log.append({"round": r, "step": step, **stats})
-            tqdm.write(f"[round {r}] {json.dumps(stats)}")
-            for s in shown:
+            if dist.is_main():
+                tqdm.write(f"[round {r}] {json.dumps(stats)}")
+            for s in (shown if dist.is_main() else []):
                 samples_log.write(json.dumps({"round": r, **s}) + "\n")
                 tqdm.write(f"  {s['prompt']!r}: chosen {s['chosen']!r} / rejected {s['rejected']!r}")
             samples_log.flush()
@@ -380,18 +398,24 @@ def main(cfg):
             cycle.load(data_state["pairs"])
         return stats
 
-    def checkpoint():
-        save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                                   "history": history, "rounds": rounds_log, "rng": rng_state(),
-                                   "data": {"stream": stream.position, "pairs": cycle.state()},
-                                   "config": vars(cfg)})
+    def checkpoint():  # rank 0 writes (the replicas are identical); every rank's RNG goes with it
+        rngs = dist.gather_objects(rng_state())
+        if dist.is_main():
+            save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                                       "history": history, "rounds": rounds_log, "rng": rngs[0], "rng_by_rank": rngs,
+                                       "data": {"stream": stream.position, "pairs": cycle.state()},
+                                       "config": vars(cfg)})
+        dist.barrier()
 
     if held and step == 0:
         acc0, _ = evaluate()
         print(f"held-out greedy accuracy before DPO: {acc0:.3f}")
-    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
-    samples_log = open(os.path.join(cfg.out, "samples.jsonl"), "a")
-    bar = tqdm(total=cfg.steps, initial=step, desc="dpo", dynamic_ncols=True)
+    if cfg.resume and dist.is_main():
+        trim_log(os.path.join(cfg.out, "metrics.jsonl"), step)
+    logs = cfg.out if dist.is_main() else None   # only rank 0 writes
+    log = open(os.path.join(logs, "metrics.jsonl") if logs else os.devnull, "a")
+    samples_log = open(os.path.join(logs, "samples.jsonl") if logs else os.devnull, "a")
+    bar = tqdm(total=cfg.steps, initial=step, desc="dpo", dynamic_ncols=True, disable=not dist.is_main())
     round_stats = {}
     while step < cfg.steps:
         r = step // per_round
@@ -401,16 +425,17 @@ def main(cfg):
         t0 = time.time()
         model.eval()  # no dropout: the policy scores a pair as the reference did (h = 0 at step 0)
         idx = cycle.take(cfg.batch_size)
-        B = len(idx)
+        B = len(idx)                                                  # the global batch: every mean is over B
+        idx = dist.shard(idx)                                         # this rank's pairs
         opt.zero_grad(set_to_none=True)
         acc = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                 "logps/chosen", "logps/rejected")}
         num_tokens = 0
-        for i in range(0, B, cfg.micro_batch):
+        for i in range(0, len(idx), cfg.micro_batch):
             mb = idx[i:i + cfg.micro_batch]
-            sums, lens = pair_logps(model, [pairs[j] for j in mb], tok.pad_token_id, cfg.device)  # (2b,)
+            sums, lens = pair_logps(model, [pairs[j] for j in mb], tok.pad_token_id, device)  # (2b,)
             b = len(mb)
-            ref_sums = ref[mb].to(cfg.device)                         # (b, 2)
+            ref_sums = ref[mb].to(device)                             # (b, 2)
             pi = sequence_logps(sums, lens, cfg.loss)                 # (2b,): chosen rows, then rejected
             ref_seq = sequence_logps(ref_sums.T.reshape(-1), lens, cfg.loss)
             losses, rw_c, rw_r = dpo_loss(pi[:b], pi[b:], ref_seq[:b], ref_seq[b:], cfg.beta, cfg.loss,
@@ -423,14 +448,19 @@ def main(cfg):
             acc["logps/chosen"] += float(pi[:b].detach().sum()) / B
             acc["logps/rejected"] += float(pi[b:].detach().sum()) / B
             num_tokens += int(lens.sum())
+        dist.sync_grads(model)                                        # sum over ranks: the global batch's gradient
+        acc = {k: dist.all_sum(v) for k, v in acc.items()}
+        num_tokens = int(dist.all_sum(num_tokens))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        skipped = not torch.isfinite(grad_norm)
+        if not skipped:  # a NaN/inf gradient would poison the weights and Adam's moments: skip the update
+            opt.step()
         sched.step()
         step += 1
 
         # ---- metrics (TRL names) -------------------------------------------------------------------
         metrics = {"step": step, "round": r, **acc, "rewards/margins": acc["rewards/chosen"] - acc["rewards/rejected"],
-                   "grad_norm": float(grad_norm), "learning_rate": sched.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "skipped_steps": int(skipped), "learning_rate": sched.get_last_lr()[0],
                    "num_tokens": num_tokens, "epoch": cycle.epoch + cycle.pos / len(pairs), **round_stats,
                    "step_time": time.time() - t0}
         if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
@@ -454,8 +484,9 @@ def main(cfg):
               f"{100 * (acc1 - before):.1f} points)")
     if cycle is not None:
         checkpoint()
-    with open(os.path.join(cfg.out, "result.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    if dist.is_main():
+        with open(os.path.join(cfg.out, "result.json"), "w") as f:
+            json.dump(summary, f, indent=1)
     log.close()
     samples_log.close()
     return model, tok, summary

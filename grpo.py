@@ -43,16 +43,21 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+import kernels
+import dist
 import rewards
 import sft
-from model import (ShuffledCycle, check_text_or_messages, encode_prompt, load, load_state, parse_config,
-                   read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs, write_config)
+from model import (DataError, ShuffledCycle, TooLong, check_text_or_messages, completion_hidden, encode_prompt,
+                   load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs,
+                   trim_log, write_config)
 from rollout import Rollout, generate
 
 
@@ -70,9 +75,11 @@ class GRPOConfig:
     num_generations: int = 8       # G, completions per prompt
     max_new_tokens: int = 48
     max_prompt_length: int = 512
+    truncation: str = "error"      # a --data prompt over --max-prompt-length: error | skip (counted); never cut
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    rollout_engine: str = "auto"   # rollout.py: auto (CUDA graph on a GPU, simple loop on CPU) | simple | static | graph
     lr: float = 1e-4               # right for the tiny model; ~1e-6 for a real 0.5B-7B model
     warmup: int = 0
     grad_clip: float = 1.0
@@ -101,6 +108,7 @@ class GRPOConfig:
     device: str = "cpu"
     seed: int = 0
     threads: int = 2
+    kernels: str = "auto"          # auto = Triton kernels on CUDA (kernels/), PyTorch elsewhere | off
 
 
 # -----------------------------------------------------------------------------
@@ -131,19 +139,72 @@ def resolve_reward_funcs(cfg):
 
 def score(funcs, weights, prompts, completions, completion_ids, columns):
     """Run every reward function. Returns per-function rewards (N, F) with NaN where a function
-    abstained (None), and their weighted sum (N,), NaN where every function abstained."""
-    per_fn = torch.tensor([[math.nan if v is None else float(v) for v in
-                            f(prompts, completions, completion_ids=completion_ids, **columns)] for f in funcs]).T
+    abstained, and their weighted sum (N,), NaN where every function abstained.
+
+    A function abstains on a sample when it returns None for it (TRL's convention), returns something
+    that is not a finite number (NaN, inf, a string), or raises. Reward functions are user code run on
+    model output for hours: one sample that trips them must cost that sample's reward, not the run. A
+    function that raises on the batch is called again sample by sample, so only the samples that make
+    it raise abstain. Each kind of fault is reported once per function on stderr (with the traceback);
+    the metric rewards/<fn>/abstained counts the samples each function did not score, every step."""
+    N = len(completions)
+    per_fn = torch.tensor([_call_reward(f, prompts, completions, completion_ids, columns) for f in funcs],
+                          dtype=torch.float32).T.reshape(N, len(funcs))  # (N, F)
     weighted = per_fn * weights                                   # (N, F)
     total = torch.nansum(weighted, dim=1)
     total[torch.isnan(per_fn).all(1)] = math.nan
     return per_fn, total
 
 
+def _call_reward(f, prompts, completions, completion_ids, columns):
+    """One reward function on N samples -> N floats, NaN where it abstained or failed."""
+    N = len(completions)
+    try:
+        values = list(f(prompts, completions, completion_ids=completion_ids, **columns))
+    except Exception:
+        _report_fault(f, "raised", traceback.format_exc())
+        if N == 1:
+            return [math.nan]
+        return [_call_reward(f, prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
+                             {k: v[i:i + 1] for k, v in columns.items()})[0] for i in range(N)]
+    if len(values) != N:
+        _report_fault(f, "returned the wrong number of values", f"{len(values)} values for {N} completions")
+        return [math.nan] * N
+    out = []
+    for v in values:
+        if v is None:   # abstains by choice: not a fault
+            out.append(math.nan)
+            continue
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = math.inf
+        if not math.isfinite(x):
+            _report_fault(f, "returned a value that is not a finite number", repr(v))
+            x = math.nan
+        out.append(x)
+    return out
+
+
+_reported_faults = set()
+
+
+def _report_fault(f, kind, detail):
+    name = getattr(f, "__name__", repr(f))
+    if (name, kind) not in _reported_faults:
+        _reported_faults.add((name, kind))
+        tqdm.write(f"reward function {name} {kind} (its samples abstain; reported once, counted in "
+                   f"rewards/<fn>/abstained):\n{detail}", file=sys.stderr)
+
+
 def group_advantages(rewards_, G, scale="group", rloo=False, eps=1e-4):
     """rewards (P*G,) grouped consecutively -> advantages (P*G,). NaN rewards (no scorable reward)
     get advantage 0 and are left out of their group's statistics. Std is the unbiased (n-1) one,
-    as in TRL and verl; a group with fewer than 2 scored samples has nothing to compare: advantage 0."""
+    as in TRL and verl; a group with fewer than 2 scored samples has nothing to compare: advantage 0.
+    On CUDA (--kernels auto) one Triton launch computes the same (kernels/advantage.py)."""
+    if kernels.active(rewards_):
+        from kernels.advantage import group_advantages_triton
+        return group_advantages_triton(rewards_, G, scale, rloo, eps)
     r = rewards_.view(-1, G)                                      # (P, G)
     valid = ~torch.isnan(r)
     n = valid.sum(1, keepdim=True).float()                        # (P, 1)
@@ -177,8 +238,9 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
         return x
     if estimator == "k2":
         return 0.5 * x ** 2
-    if estimator == "k3":
-        return torch.exp(-x) + x - 1
+    if estimator == "k3":  # verl's clamps: x to +-20 so exp(-x) stays finite, k3 to [-10, 10]
+        x = x.clamp(-20.0, 20.0)
+        return (torch.exp(-x) + x - 1).clamp(-10.0, 10.0)
     raise ValueError(f"kl_estimator must be k1, k2 or k3, got {estimator!r}")
 
 
@@ -217,21 +279,65 @@ def aggregate(loss_tok, mask, loss_type, num_seqs, num_tokens, max_len):
     raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
 
 
+def micro_batch_loss(cfg, model, input_ids, attention_mask, C, adv, mask, old_logp, ref_logp, num_seqs, num_tokens):
+    """One micro-batch's share of the batch loss, the per-token statistics (per_token_loss's) and the
+    entropy (B, C). On CUDA with --kernels auto and the token-level ratio, the fused loss head computes
+    the gradient for the hidden states and the lm_head during the forward (kernels/loss_head.py);
+    otherwise token log-probs -> per_token_loss -> aggregate. old_logp None = on-policy (rho == 1)."""
+    reduce = lambda lt: aggregate(lt, mask, cfg.loss_type, num_seqs, num_tokens, cfg.max_new_tokens)
+    if kernels.active(input_ids) and cfg.importance_sampling_level == "token":
+        from kernels.loss_head import fused_loss_head
+        A = adv[:, None].expand_as(mask).reshape(-1)                          # (B*C,) flattened rows
+        old_f, ref_f = (None if t is None else t.reshape(-1) for t in (old_logp, ref_logp))
+
+        def per_token(lp, rows):  # the token-level loss of rows `rows`, elementwise in lp (n,)
+            old = lp.detach() if old_f is None else old_f[rows]
+            return per_token_loss(lp[:, None], old[:, None], A[rows], None, cfg.epsilon_low, cfg.epsilon_high,
+                                  "token", None if ref_f is None else ref_f[rows, None], cfg.beta,
+                                  cfg.kl_estimator)[0][:, 0]
+        hidden, weight, targets = completion_hidden(model, input_ids, attention_mask, C)
+        loss, logp, ent = fused_loss_head(hidden, weight, targets, per_token, reduce, cfg.temperature)
+        _, st = per_token_loss(logp, logp if old_logp is None else old_logp, adv, mask, cfg.epsilon_low,
+                               cfg.epsilon_high, "token", ref_logp, cfg.beta, cfg.kl_estimator)  # statistics
+        return loss, st, ent
+    logp, ent = token_logprobs(model, input_ids, attention_mask, C, cfg.temperature, entropy=True)
+    old = old_logp if old_logp is not None else logp.detach()   # on-policy: rho == 1
+    lt, st = per_token_loss(logp, old, adv, mask, cfg.epsilon_low, cfg.epsilon_high, cfg.importance_sampling_level,
+                            ref_logp, cfg.beta, cfg.kl_estimator)
+    return reduce(lt), st, ent
+
+
 # -----------------------------------------------------------------------------
 # Prompts: the built-in task stream, or JSONL rows
 
+# The columns the built-in rewards read from a JSONL row, and their JSON types (None: that row abstains).
+REWARD_COLUMNS = {"accuracy": {"answer": (str, int, float)},
+                  "countdown": {"numbers": (list,), "target": (int, float)}}
+
+
 class Prompts:
-    def __init__(self, cfg, tok, held):
+    def __init__(self, cfg, tok, held, names=()):
         self.builtin = not cfg.data
         if self.builtin:
             self.stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)
+            # built-in prompts are conversational: a tokenizer without a chat template fails here, not at step 1
+            encode_prompt(tok, rewards.Problem("1+1", "2", "").row()["prompt"])
         else:
             def check(row):  # read_jsonl reports any failure here as file:line
                 check_text_or_messages(row, "prompt")
+                for col, types in columns.items():
+                    if row.get(col) is not None and not isinstance(row[col], types):
+                        raise ValueError(f"field {col!r} must be {' or '.join(t.__name__ for t in types)}, "
+                                         f"got {type(row[col]).__name__}")
                 n = len(encode_prompt(tok, row["prompt"]))
                 if n > cfg.max_prompt_length:
-                    raise ValueError(f"prompt has {n} tokens > --max-prompt-length {cfg.max_prompt_length}")
-            self.rows = read_jsonl(cfg.data, check)
+                    raise TooLong(f"prompt has {n} tokens > --max-prompt-length {cfg.max_prompt_length}")
+            columns = {c: t for n in names for c, t in REWARD_COLUMNS.get(n, {}).items()}
+            self.rows = read_jsonl(cfg.data, check, cfg.truncation)
+            for col in columns:  # a row may lack the column (that reward abstains on it), the file may not
+                if all(r.get(col) is None for r in self.rows):
+                    raise DataError(f"{cfg.data}: no row has the column {col!r} that the reward "
+                                    f"{'/'.join(n for n in names if col in REWARD_COLUMNS.get(n, {}))} reads")
             self.cycle = ShuffledCycle(len(self.rows), cfg.seed)
 
     def take(self, n):
@@ -251,9 +357,16 @@ class Prompts:
 
 def main(cfg):
     torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    kernels.set_mode(cfg.kernels)
+    device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op
+    rank, world = dist.rank(), dist.world()
+    seed_everything(cfg.seed + rank)             # ranks sample differently; rank 0 is the single-process run
     print(json.dumps(vars(cfg)))
     names, funcs, weights = resolve_reward_funcs(cfg)
+    G, P = cfg.num_generations, cfg.num_prompts
+    if P % world:
+        raise ValueError(f"--num-prompts {P} must be a multiple of the number of processes ({world})")
+    Pl = P // world                              # this rank's prompts per step; all G samples of each
     held = rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n and not cfg.data else []
 
     # The cold start: the default init directory is built by sft.py the first time it is needed.
@@ -261,27 +374,31 @@ def main(cfg):
         if cfg.init != GRPOConfig.init:
             raise FileNotFoundError(f"--init {cfg.init!r} does not exist (use 'scratch' to start from --model)")
         print(f"no cold-start checkpoint at {cfg.init}: running sft.py first")
+        if world > 1:
+            raise FileNotFoundError(f"--init {cfg.init!r} does not exist: run sft.py (or torchrun sft.py) first")
         sft.main(sft.SFTConfig(model=cfg.model, task=cfg.task, out=cfg.init, device=cfg.device,
-                               seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n))
+                               seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n,
+                               kernels=cfg.kernels))
         seed_everything(cfg.seed)
     start = cfg.model if cfg.init == "scratch" else cfg.init
-    model, tok = load(start, cfg.device, seed=cfg.seed)
-    prompts_src = Prompts(cfg, tok, held)        # JSONL is checked here, before any training
+    model, tok = load(start, device, seed=cfg.seed)
+    prompts_src = Prompts(cfg, tok, held, names)        # JSONL is checked here, before any training
     ref = None
     if cfg.beta != 0.0:  # a frozen copy of the starting policy; with beta = 0 none is kept
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-    write_config(cfg, cfg.out)
+    if dist.is_main():
+        write_config(cfg, cfg.out)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     step, history = 0, []
     if cfg.resume:
         st = load_state(cfg.out)
-        model.load_state_dict(load(cfg.out, cfg.device)[0].state_dict())
+        model.load_state_dict(load(cfg.out, device)[0].state_dict())
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, history = st["step"], st["history"]
         prompts_src.load(st["data"])
-        set_rng_state(st["rng"])
+        set_rng_state(st["rng_by_rank"][rank] if len(st.get("rng_by_rank", ())) == world else st["rng"])
     model.train()
 
     def evaluate():
@@ -289,28 +406,35 @@ def main(cfg):
         history.append({"step": step, "held_out_accuracy": acc})
         return acc, comps
 
-    def checkpoint():
-        save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                                   "history": history, "data": prompts_src.state(), "rng": rng_state(),
-                                   "config": vars(cfg)})
+    def checkpoint():  # rank 0 writes (the replicas are identical); every rank's RNG goes with it
+        rngs = dist.gather_objects(rng_state())
+        if dist.is_main():
+            save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                                       "history": history, "data": prompts_src.state(), "rng": rngs[0],
+                                       "rng_by_rank": rngs, "config": vars(cfg)})
+        dist.barrier()
 
     if held and step == 0:
         acc0, _ = evaluate()
         print(f"held-out greedy accuracy before GRPO: {acc0:.3f}")
-    G, P = cfg.num_generations, cfg.num_prompts
-    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
-    samples_log = open(os.path.join(cfg.out, "samples.jsonl"), "a")
-    bar = tqdm(total=cfg.steps, initial=step, desc="grpo", dynamic_ncols=True)
+    if cfg.resume and dist.is_main():
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            trim_log(os.path.join(cfg.out, name), step)
+    logs = cfg.out if dist.is_main() else None   # only rank 0 writes
+    log = open(os.path.join(logs, "metrics.jsonl") if logs else os.devnull, "a")
+    samples_log = open(os.path.join(logs, "samples.jsonl") if logs else os.devnull, "a")
+    bar = tqdm(total=cfg.steps, initial=step, desc="grpo", dynamic_ncols=True, disable=not dist.is_main())
     while step < cfg.steps:
         t0 = time.time()
         # ---- rollout + rewards (+ dynamic sampling) ---------------------------------------------
         kept, rounds, seen_groups = [], 0, 0
         while True:
-            rows = prompts_src.take(P)
+            rows = dist.shard(prompts_src.take(P))                            # every rank draws the global
             prompts = [r["prompt"] for r in rows for _ in range(G)]           # each prompt G times, grouped
             ids = [encode_prompt(tok, p) for p in prompts]
             model.eval()
-            roll = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+            roll = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                            engine=cfg.rollout_engine)
             model.train()
             comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
             texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
@@ -318,23 +442,28 @@ def main(cfg):
             columns["prompt_text"] = tok.batch_decode(ids)  # rendered: shows a <think> the template pre-fills
             per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns)
             rounds += 1
-            seen_groups += P
-            keep = torch.ones(P, dtype=torch.bool)
+            seen_groups += Pl
+            keep = torch.ones(Pl, dtype=torch.bool)
             if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
-                keep = _nanstd(R.view(P, G)) > 0
+                keep = _nanstd(R.view(Pl, G)) > 0
             kept.append((roll, prompts, texts, per_fn, R, keep))
-            if not cfg.dynamic_sampling or sum(int(k[-1].sum()) for k in kept) >= P or rounds > cfg.max_resample:
+            # (all ranks decide together, so they stay on the same rows of the data stream)
+            if not cfg.dynamic_sampling or dist.all_sum(sum(int(k[-1].sum()) for k in kept)) >= P \
+                    or rounds > cfg.max_resample:
                 break
-        roll, prompts, texts, per_fn, R = merge_rounds(kept, P, G, tok.pad_token_id)
+        roll, prompts, texts, per_fn, R = merge_rounds(kept, Pl, G, tok.pad_token_id)
         mask_c, trunc = roll.completion_mask, roll.truncated                             # (B, C), (B,)
         t_rollout = time.time() - t0
 
-        adv = group_advantages(R, G, cfg.scale_rewards, rloo=cfg.advantage == "rloo")   # (B,)
+        # Advantages from the global batch (--scale-rewards batch needs every rank's rewards); this
+        # rank keeps its own rows. Normalisers are global too: see dist.py.
+        R_all, offset = dist.gather_cat(R)
+        adv = group_advantages(R_all, G, cfg.scale_rewards, rloo=cfg.advantage == "rloo")[offset:offset + len(R)]
         mask = mask_c.clone()                                                            # (B, C)
         if cfg.mask_truncated_completions:
             mask[trunc] = 0.0
         B, C = mask.shape
-        num_tokens = int(mask.sum())
+        B_all, num_tokens = int(dist.all_sum(B)), int(dist.all_sum(int(mask.sum())))
 
         # ---- pi_old and pi_ref log-probs, once, without grad --------------------------------------
         t1 = time.time()
@@ -356,13 +485,9 @@ def main(cfg):
         for _ in range(cfg.num_iterations):
             opt.zero_grad(set_to_none=True)
             for s in mbs:
-                logp, ent = token_logprobs(model, roll.input_ids[s], roll.attention_mask[s], C, cfg.temperature,
-                                           entropy=True)
-                old = old_logp[s] if old_logp is not None else logp.detach()   # on-policy: rho == 1
-                lt, st_ = per_token_loss(logp, old, adv[s], mask[s], cfg.epsilon_low, cfg.epsilon_high,
-                                         cfg.importance_sampling_level, None if ref_logp is None else ref_logp[s],
-                                         cfg.beta, cfg.kl_estimator)
-                loss = aggregate(lt, mask[s], cfg.loss_type, B, num_tokens, cfg.max_new_tokens)
+                loss, st_, ent = micro_batch_loss(cfg, model, roll.input_ids[s], roll.attention_mask[s], C, adv[s],
+                                                  mask[s], None if old_logp is None else old_logp[s],
+                                                  None if ref_logp is None else ref_logp[s], B_all, num_tokens)
                 loss.backward()
                 m = mask[s]
                 w = 1.0 / max(num_tokens, 1) / cfg.num_iterations               # token-mean over the batch
@@ -373,6 +498,7 @@ def main(cfg):
                 acc["clip_high"] += float((st_["clip_high"] * m).sum()) * w
                 if st_["kl"] is not None:
                     acc["kl"] += float((st_["kl"].detach() * m).sum()) * w
+            dist.sync_grads(model)              # sum over ranks = the gradient of the global batch
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if torch.isfinite(grad_norm):
                 opt.step()
@@ -383,11 +509,14 @@ def main(cfg):
         step += 1
 
         # ---- metrics (TRL names) -------------------------------------------------------------------
-        lengths = mask_c.sum(1)
+        acc = {k: dist.all_sum(v) for k, v in acc.items()}       # each rank holds its share of the sums
+        R_rank, adv_rank = R, adv                                 # (rank 0's rows, for the samples log)
+        R, per_fn, trunc, lengths = (dist.gather_cat(t)[0] for t in (R, per_fn, trunc, mask_c.sum(1)))
         grp = R.view(-1, G)
         metrics = {"step": step, "reward": float(R.nanmean()), "reward_std": float(_nanstd(grp).mean()),
                    **{f"rewards/{n}/mean": float(per_fn[:, i].nanmean()) for i, n in enumerate(names)},
                    **{f"rewards/{n}/std": float(_nanstd(per_fn[:, i][None])[0]) for i, n in enumerate(names)},
+                   **{f"rewards/{n}/abstained": int(per_fn[:, i].isnan().sum()) for i, n in enumerate(names)},
                    "frac_reward_zero_std": float((_nanstd(grp) < 1e-8).float().mean()),
                    "completions/mean_length": float(lengths.mean()),
                    "completions/min_length": float(lengths.min()), "completions/max_length": float(lengths.max()),
@@ -403,7 +532,8 @@ def main(cfg):
             metrics["kl"] = acc["kl"]
         if cfg.dynamic_sampling:
             metrics["dynamic_sampling/rounds"] = rounds
-            metrics["dynamic_sampling/kept_frac"] = sum(int(k[-1].sum()) for k in kept) / seen_groups
+            metrics["dynamic_sampling/kept_frac"] = dist.all_sum(sum(int(k[-1].sum()) for k in kept)) / \
+                dist.all_sum(seen_groups)
         if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["held_out_accuracy"] = evaluate()[0]
         log.write(json.dumps(metrics) + "\n")
@@ -411,10 +541,10 @@ def main(cfg):
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}",
                         len=f"{metrics['completions/mean_length']:.1f}", ent=f"{metrics['entropy']:.2f}")
         bar.update(1)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1) and dist.is_main():
             for i in range(0, min(B, 2 * G), G):  # the first completion of the first two groups
                 sample = {"step": step, "prompt": rewards._prompt_text(prompts[i]), "completion": texts[i],
-                          "reward": float(R[i]), "advantage": float(adv[i])}
+                          "reward": float(R_rank[i]), "advantage": float(adv_rank[i])}
                 samples_log.write(json.dumps(sample) + "\n")
                 tqdm.write(f"[step {step}] {sample['prompt']!r} -> {sample['completion']!r} "
                            f"reward={sample['reward']:.2f}")
@@ -432,8 +562,9 @@ def main(cfg):
               f"before GRPO {before:.3f} -> after GRPO {acc1:.3f} ({'+' if acc1 >= before else ''}"
               f"{100 * (acc1 - before):.1f} points)")
     checkpoint()
-    with open(os.path.join(cfg.out, "result.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    if dist.is_main():
+        with open(os.path.join(cfg.out, "result.json"), "w") as f:
+            json.dump(summary, f, indent=1)
     log.close()
     samples_log.close()
     return model, tok, summary

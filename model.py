@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config
 
+import kernels
+
 # -----------------------------------------------------------------------------
 # The built-in tokenizer: one token per printable ASCII character, plus the chat/role tokens and the
 # R1 reasoning tags as single tokens (they are structure, not text, and single tokens keep the tiny
@@ -94,6 +96,7 @@ def load(path="tiny", device="cpu", dtype=None, seed=0):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model path {path!r} is not a local directory (nothing is downloaded; "
                                 f"use 'tiny' for the built-in model)")
+    recover(path)  # a checkpoint swap cut short by a crash is completed first (see save)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     check_tokenizer(tok, path)
@@ -114,35 +117,61 @@ def check_tokenizer(tok, where):
 # -----------------------------------------------------------------------------
 # Saving. The output directory is a plain HF checkpoint (model.safetensors, config.json,
 # generation_config.json, tokenizer files, chat template); the training state (optimizer, step, RNG,
-# data position) lives in trainer_state/ beside it so from_pretrained never sees it.
+# data position) lives in trainer_state/ beside it so from_pretrained never sees it. Logs
+# (metrics.jsonl, ...) share the directory, so the checkpoint cannot be swapped in by renaming the
+# directory itself; instead a small journal makes the swap all-or-nothing:
+#   1. write the whole new checkpoint to OUT/.ckpt-tmp and fsync every file (the old one is untouched);
+#   2. rename .ckpt-tmp -> .ckpt-ready: ONE atomic rename is the commit point;
+#   3. move the files of .ckpt-ready into OUT one by one, then remove .ckpt-ready.
+# A crash before 2 leaves the old checkpoint intact (the partial .ckpt-tmp is ignored and deleted);
+# a crash during 3 leaves a mix in OUT that recover() completes (roll forward) before anything loads
+# it: load(), load_state() and save() all call it. So whatever loads is one whole checkpoint.
+
+TMP, READY = ".ckpt-tmp", ".ckpt-ready"
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(out_dir):
+    """Finish a checkpoint swap that a crash interrupted (step 3 above), and drop an incomplete one."""
+    shutil.rmtree(os.path.join(out_dir, TMP), ignore_errors=True)
+    ready = os.path.join(out_dir, READY)
+    if not os.path.isdir(ready):
+        return
+    # trainer_state last: until it moves, the old state never claims weights newer than itself
+    for name in sorted(os.listdir(ready), key=lambda n: n == "trainer_state"):
+        dst = os.path.join(out_dir, name)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)   # the old copy; the new one is still in .ckpt-ready if we crash here
+        os.replace(os.path.join(ready, name), dst)
+    _fsync(out_dir)
+    os.rmdir(ready)
+
 
 def save(model, tok, out_dir, state=None):
-    """Write the checkpoint to out_dir/.tmp, then swap it in, so a crash mid-save never leaves a
-    half-written checkpoint in out_dir (the previous one survives until the new one is complete).
-    Logs and other files already in out_dir are kept."""
+    """Write a checkpoint to out_dir atomically (see above). Logs and other files in out_dir are kept."""
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    recover(out_dir)
+    tmp = os.path.join(out_dir, TMP)
     unwrapped = getattr(model, "module", model)  # DDP wraps the model
     unwrapped.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     if state is not None:
         os.makedirs(os.path.join(tmp, "trainer_state"))
         torch.save(state, os.path.join(tmp, "trainer_state", "state.pt"))
-    names = os.listdir(tmp)
-    for name in names:  # replace file by file; trainer_state last, so it never points past the weights
-        dst = os.path.join(out_dir, name)
-        if name == "trainer_state":
-            continue
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
-    if "trainer_state" in names:
-        old = os.path.join(out_dir, "trainer_state")
-        if os.path.isdir(old):
-            shutil.rmtree(old)
-        os.replace(os.path.join(tmp, "trainer_state"), old)
-    shutil.rmtree(tmp, ignore_errors=True)
+    for root, _, files in os.walk(tmp):   # on disk before the commit, not just in the page cache
+        for f in files:
+            _fsync(os.path.join(root, f))
+        _fsync(root)
+    os.replace(tmp, os.path.join(out_dir, READY))   # the commit point
+    _fsync(out_dir)
+    recover(out_dir)
 
 
 def rng_state():
@@ -159,10 +188,25 @@ def set_rng_state(s):
 
 
 def load_state(out_dir):
+    recover(out_dir)
     path = os.path.join(out_dir, "trainer_state", "state.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no training state at {path}")
     return torch.load(path, weights_only=False)
+
+
+def trim_log(path, step):
+    """On --resume: drop the lines a killed run logged for steps after its last checkpoint. Those steps
+    run again, so the log then reads as if the run had never stopped. Rewritten atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def seed_everything(seed):
@@ -192,7 +236,10 @@ def logprobs_from_hidden(hidden, weight, targets, temperature=1.0, entropy=False
     distribution. hidden (N, H), weight (V, H), targets (N,) -> (N,) fp32 [, (N,) fp32].
 
     Plain PyTorch, chunked over rows: only a (chunk_rows, V) fp32 block of logits is alive at a time.
-    On CUDA this is the function the fused Triton kernel replaces (no logits in memory at all)."""
+    On CUDA (with --kernels auto) the fused Triton kernel runs instead: no logits in memory at all."""
+    if kernels.active(hidden):
+        from kernels.logprob import fused_logprob  # imports triton: only when a CUDA tensor asks
+        return fused_logprob(hidden, weight, targets, temperature, entropy)
     logps, ents = [], []
     for i in range(0, hidden.shape[0], chunk_rows):
         logits = (hidden[i:i + chunk_rows] @ weight.T).float() / temperature  # (n, V) fp32
@@ -207,10 +254,9 @@ def logprobs_from_hidden(hidden, weight, targets, temperature=1.0, entropy=False
     return logp, (torch.cat(ents) if ents else torch.zeros_like(logp))
 
 
-def token_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, entropy=False):
-    """Log-probs of the last `num_completion` tokens of each row under the model.
-    input_ids, attention_mask (B, T) -> logp (B, C) fp32 [, entropy (B, C)]. Gradients flow when
-    called with grad enabled; the no-grad call and the grad call compute exactly the same numbers."""
+def completion_hidden(model, input_ids, attention_mask, num_completion):
+    """Run the decoder once: hidden states of the positions that predict the last num_completion tokens
+    (B, C, H), the lm_head weight (V, H), and those tokens (B, C). What every loss head starts from."""
     B, T = input_ids.shape
     C = num_completion
     base = getattr(model, "module", model).base_model  # the decoder without its lm_head
@@ -218,7 +264,15 @@ def token_logprobs(model, input_ids, attention_mask, num_completion, temperature
                   position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state  # (B, T, H)
     hidden = hidden[:, T - C - 1:T - 1]                  # (B, C, H): positions predicting the completion
     weight = getattr(model, "module", model).get_output_embeddings().weight  # (V, H)
-    targets = input_ids[:, T - C:]                       # (B, C)
+    return hidden, weight, input_ids[:, T - C:]
+
+
+def token_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, entropy=False):
+    """Log-probs of the last `num_completion` tokens of each row under the model.
+    input_ids, attention_mask (B, T) -> logp (B, C) fp32 [, entropy (B, C)]. Gradients flow when
+    called with grad enabled; the no-grad call and the grad call compute exactly the same numbers."""
+    B, C = input_ids.shape[0], num_completion
+    hidden, weight, targets = completion_hidden(model, input_ids, attention_mask, C)
     out = logprobs_from_hidden(hidden.reshape(B * C, -1), weight, targets.reshape(-1), temperature, entropy)
     if entropy:
         return out[0].view(B, C), out[1].view(B, C)
@@ -245,14 +299,29 @@ class DataError(ValueError):
     pass
 
 
-def read_jsonl(path, check):
-    """Parse every line of a JSONL file; check(row) raises ValueError naming the bad field. Any problem
-    is reported as 'file:line: ...' before a single step is taken."""
+class TooLong(ValueError):
+    """A row over a length limit: an error, or skipped and counted with --truncation skip. Never cut:
+    a truncated prompt is a different question, a truncated completion one that never ends."""
+
+
+TRUNCATION = ("error", "skip")
+
+
+def read_jsonl(path, check, truncation="error"):
+    """Parse every line of a JSONL file; check(row) raises ValueError naming the bad field (TooLong for
+    a row over a length limit). Any problem is reported as 'file:line: ...' before a single step is
+    taken. With truncation="skip" rows over the limit are left out and their number is printed."""
+    if truncation not in TRUNCATION:
+        raise ValueError(f"--truncation must be error or skip, got {truncation!r}")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    rows, too_long, n = [], 0, 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 (byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -263,11 +332,18 @@ def read_jsonl(path, check):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             try:
                 check(row)
+            except TooLong as e:
+                if truncation == "error":
+                    raise DataError(f"{path}:{n}: {e} (--truncation skip leaves such rows out)") from None
+                too_long += 1
+                continue
             except (ValueError, TypeError, KeyError) as e:
                 raise DataError(f"{path}:{n}: {e}") from None
             rows.append(row)
+    if too_long:
+        print(f"{path}: skipped {too_long} of {len(rows) + too_long} rows over the length limit (--truncation skip)")
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows" + (f" left: all {too_long} are over the length limit" if too_long else ""))
     return rows
 
 
@@ -283,12 +359,16 @@ def check_text_or_messages(row, field, last_role=None):
     if not isinstance(v, list) or not v:
         raise ValueError(f"field {field!r} must be a string or a non-empty list of messages, got {type(v).__name__}")
     for i, m in enumerate(v):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise ValueError(f"field {field!r}[{i}] must be {{'role': ..., 'content': str}}")
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            raise ValueError(f"field {field!r}[{i}] must be {{'role': str, 'content': str}}, got {json.dumps(m)[:80]}")
         if m["role"] not in ROLES:
             raise ValueError(f"field {field!r}[{i}] has unknown role {m['role']!r} (known: {', '.join(sorted(ROLES))})")
+    if not any(m["content"].strip() for m in v):
+        raise ValueError(f"field {field!r} is empty (every message's content is blank)")
     if last_role and v[-1]["role"] != last_role:
         raise ValueError(f"field {field!r} must end with a {last_role!r} message, ends with {v[-1]['role']!r}")
+    if last_role and not v[-1]["content"].strip():
+        raise ValueError(f"field {field!r}[{len(v) - 1}]: the final {last_role!r} message is empty")
 
 
 def encode_prompt(tok, prompt):

@@ -18,6 +18,8 @@ dataset column arrive as keyword arguments.
     countdown_reward           1 if the <answer> expression uses exactly `numbers` and evaluates to `target`
     format_reward              1 if the completion is <think>...</think><answer>...</answer> (DeepSeek-R1)
     soft_overlong_punishment   DAPO's length penalty near the completion limit
+    code_reward                fraction of the `tests` column the completion's ```python block passes,
+                               run in sandbox.py (separate process, limits, no network, no secrets)
 
 Expressions written by the model are evaluated with `safe_eval`, a bounded AST evaluator over exact
 fractions, never with `eval` (which would run arbitrary code, and `9**9**9` would hang the trainer).
@@ -25,6 +27,7 @@ fractions, never with `eval` (which would run arbitrary code, and `9**9**9` woul
 import ast
 import random
 import re
+import secrets
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -243,4 +246,76 @@ def soft_overlong_punishment(max_completion_length, cache_length):
     return soft_overlong
 
 
-REWARD_FUNCS = {"accuracy": accuracy_reward, "countdown": countdown_reward, "format": format_reward}
+# -----------------------------------------------------------------------------
+# Code execution (ReTool, CodeV-R1): run the completion's program against the row's tests, sandboxed
+
+CODE_RE = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(completion):
+    """The last ```python (or ```py, or unlabelled ```) fenced block of the completion, or None."""
+    found = CODE_RE.findall(completion)
+    return found[-1] if found else None
+
+
+def code_reward(prompts, completions, tests=None, sandbox=None, **kw):
+    """Fraction of the row's tests that the completion's program passes, each test in its own sandboxed
+    process (sandbox.py: timeout, memory/CPU/process limits, no network, no inherited environment).
+
+    The `tests` column is a list; each test is one of
+        "assert add(2, 3) == 5"              Python run after the program, in the same process: passes
+                                             if it runs to the end (an AssertionError or any other
+                                             exception, a timeout, a crash: fails)
+        {"input": "2 3\n", "output": "5"}   stdin/stdout: the program runs with `input` as stdin and passes
+                                             if it exits 0 and its stdout equals `output` (trailing
+                                             whitespace of each line and trailing blank lines ignored)
+    0.0 when the completion has no code block. None (abstain) when the row has no tests, or when the
+    sandbox itself could not run a test (no fork, no disk: nothing the program did), since the fraction
+    is then unknown. For all-or-nothing (CodeV-R1), wrap it: 1.0 if code_reward(...) == 1.0.
+
+    Reward hacking. A program that calls sys.exit(0) / os._exit(0) before the asserts would pass them
+    if exit status were the criterion: instead an assert test passes only if a random marker, printed
+    after the test code, is the last line of stdout. A program that reads its own source file can still
+    find the marker: the sandbox protects the machine, the tests are only as strong as this.
+    """
+    from sandbox import default_sandbox   # here, not at the top: sandbox.py is POSIX-only
+    box = sandbox or default_sandbox()
+    code = [extract_code(c) for c in completions]
+    jobs, owner, checks = [], [], []          # one sandboxed run per (completion, test)
+    tests = tests or [None] * len(completions)
+    for i, (prog, row_tests) in enumerate(zip(code, tests)):
+        if prog is None or not row_tests:
+            continue
+        for j, t in enumerate(row_tests):
+            if isinstance(t, str):
+                marker = f"all tests ran {secrets.token_hex(8)}"
+                jobs.append((f"{prog}\n\n{t}\nprint({marker!r})\n", ""))
+                checks.append(lambda r, m=marker: r.ok and r.stdout.rstrip().rsplit("\n", 1)[-1] == m)
+            elif isinstance(t, dict) and isinstance(t.get("input"), str) and isinstance(t.get("output"), str):
+                jobs.append((prog, t["input"]))
+                want = _normalise_output(t["output"])
+                checks.append(lambda r, w=want: r.ok and _normalise_output(r.stdout) == w)
+            else:
+                raise ValueError(f"tests[{j}] of sample {i}: expected a Python string or "
+                                 f"{{\"input\": str, \"output\": str}}, got {t!r:.80}")
+            owner.append(i)
+    results = box.map(jobs)
+    passed, unknown = [0] * len(completions), [False] * len(completions)
+    for i, r, check in zip(owner, results, checks):
+        unknown[i] |= not r.started
+        passed[i] += check(r)
+    out = []
+    for i, row_tests in enumerate(tests):
+        if not row_tests or unknown[i]:
+            out.append(None)
+        else:
+            out.append(0.0 if code[i] is None else passed[i] / len(row_tests))
+    return out
+
+
+def _normalise_output(text):
+    return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
+
+
+REWARD_FUNCS = {"accuracy": accuracy_reward, "countdown": countdown_reward, "format": format_reward,
+                "code": code_reward}

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import dist
+import kernels
 import rewards
-from model import (ShuffledCycle, check_text_or_messages, encode_example, encode_prompt, load, load_state, parse_config,
-                   read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs, write_config)
+from model import (ShuffledCycle, TooLong, check_text_or_messages, completion_hidden, encode_example,
+                   encode_prompt, load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything,
+                   set_rng_state, token_logprobs, trim_log, write_config)
 from rollout import generate
 
 
@@ -44,7 +47,8 @@ class SFTConfig:
     lr: float = 3e-3             # right for the 0.8M tiny model; use ~1e-5 for a real 0.5B-7B model
     warmup: int = 20
     weight_decay: float = 0.0
-    max_length: int = 512        # prompt + completion tokens; longer examples are an error
+    max_length: int = 512        # prompt + completion tokens
+    truncation: str = "error"    # a --data row over --max-length: error | skip (counted); never cut
     eval_n: int = 500            # held-out problems for greedy accuracy at the end (0 = skip)
     max_new_tokens: int = 48     # for that evaluation
     device: str = "cpu"
@@ -52,6 +56,7 @@ class SFTConfig:
     save_every: int = 100
     resume: bool = False
     threads: int = 2             # torch CPU threads
+    kernels: str = "auto"        # auto = Triton kernels on CUDA (kernels/), PyTorch elsewhere | off
 
 
 # -----------------------------------------------------------------------------
@@ -67,27 +72,31 @@ def check_sft_row(row):
         check_text_or_messages(row, "completion")
 
 
+def encode_checked(tok, prompt, completion, max_length):
+    ids = encode_example(tok, prompt, completion)
+    if len(ids[0]) + len(ids[1]) > max_length:
+        raise TooLong(f"{len(ids[0]) + len(ids[1])} tokens > --max-length {max_length}")
+    return ids
+
+
 def load_examples(cfg, tok):
-    """List of (prompt_ids, completion_ids)."""
-    if cfg.data:
-        rows = read_jsonl(cfg.data, check_sft_row)
-        pairs = [(r["messages"][:-1], r["messages"][-1:]) if "messages" in r else (r["prompt"], r["completion"])
-                 for r in rows]
-        where = [f"{cfg.data}:{i + 1}" for i in range(len(rows))]  # (row index; blank lines shift it)
-    else:
-        stream = rewards.ProblemStream(cfg.task, seed=cfg.seed, exclude=rewards.held_out(cfg.task, max(cfg.eval_n, 1)))
-        probs = stream.take(cfg.num_examples)
-        pairs = [([{"role": "user", "content": p.prompt}], [{"role": "assistant", "content": p.trace}]) for p in probs]
-        where = [f"{cfg.task} example {i}" for i in range(len(probs))]
+    """List of (prompt_ids, completion_ids). A file's rows are checked and tokenized line by line, so
+    any error names its file:line."""
     examples = []
-    for (p, c), w in zip(pairs, where):
+    if cfg.data:
+        def check(r):
+            check_sft_row(r)
+            p, c = (r["messages"][:-1], r["messages"][-1:]) if "messages" in r else (r["prompt"], r["completion"])
+            examples.append(encode_checked(tok, p, c, cfg.max_length))
+        read_jsonl(cfg.data, check, cfg.truncation)
+        return examples
+    stream = rewards.ProblemStream(cfg.task, seed=cfg.seed, exclude=rewards.held_out(cfg.task, max(cfg.eval_n, 1)))
+    for i, p in enumerate(stream.take(cfg.num_examples)):
         try:
-            ids = encode_example(tok, p, c)
+            examples.append(encode_checked(tok, [{"role": "user", "content": p.prompt}],
+                                           [{"role": "assistant", "content": p.trace}], cfg.max_length))
         except ValueError as e:
-            raise ValueError(f"{w}: {e}") from None
-        if len(ids[0]) + len(ids[1]) > cfg.max_length:
-            raise ValueError(f"{w}: {len(ids[0]) + len(ids[1])} tokens > --max-length {cfg.max_length}")
-        examples.append(ids)
+            raise ValueError(f"{cfg.task} example {i}: {e}") from None
     return examples
 
 
@@ -107,6 +116,16 @@ def collate(examples, pad_id, device):
 def sft_loss(logp, mask):
     """Token-mean negative log-likelihood over the completion tokens. logp, mask (B, C)."""
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def batch_loss(model, ids, attn, mask):
+    """sft_loss of a batch. On CUDA with --kernels auto the fused loss head computes it from the hidden
+    states, with the lm_head's gradient formed in the forward (kernels/loss_head.py)."""
+    if kernels.active(ids):
+        from kernels.loss_head import fused_loss_head
+        hidden, weight, targets = completion_hidden(model, ids, attn, mask.shape[1])
+        return fused_loss_head(hidden, weight, targets, lambda lp, rows: lp, lambda lp: sft_loss(lp, mask))[0]
+    return sft_loss(token_logprobs(model, ids, attn, mask.shape[1]), mask)          # (B, C) log-probs
 
 
 # -----------------------------------------------------------------------------
@@ -141,17 +160,20 @@ def cosine_lr(step, warmup, total):
 
 def main(cfg):
     torch.set_num_threads(cfg.threads)
+    kernels.set_mode(cfg.kernels)
+    device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op
     seed_everything(cfg.seed)
     print(json.dumps(vars(cfg)))
-    model, tok = load(cfg.model, cfg.device, seed=cfg.seed)
+    model, tok = load(cfg.model, device, seed=cfg.seed)
     examples = load_examples(cfg, tok)  # every row is checked before the first step
-    write_config(cfg, cfg.out)
+    if dist.is_main():
+        write_config(cfg, cfg.out)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.warmup, cfg.steps))
     step, data = 0, ShuffledCycle(len(examples), cfg.seed)
     if cfg.resume:
         st = load_state(cfg.out)
-        model, tok = load(cfg.out, cfg.device)  # the weights of the last checkpoint
+        model, tok = load(cfg.out, device)  # the weights of the last checkpoint
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.warmup, cfg.steps))
         opt.load_state_dict(st["optimizer"])
@@ -161,27 +183,39 @@ def main(cfg):
         set_rng_state(st["rng"])
     model.train()
 
-    def checkpoint():
-        save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                                   "data": data.state(), "rng": rng_state(),
-                                   "config": vars(cfg)})
+    def checkpoint():  # rank 0 writes: the replicas are identical (SFT draws no random numbers)
+        if dist.is_main():
+            save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                                       "data": data.state(), "rng": rng_state(),
+                                       "config": vars(cfg)})
+        dist.barrier()
 
-    log = open(os.path.join(cfg.out, "sft_metrics.jsonl"), "a")
-    bar = tqdm(total=cfg.steps, initial=step, desc="sft", dynamic_ncols=True)
+    if cfg.resume and dist.is_main():
+        trim_log(os.path.join(cfg.out, "sft_metrics.jsonl"), step)
+    log = open(os.path.join(cfg.out, "sft_metrics.jsonl") if dist.is_main() else os.devnull, "a")
+    bar = tqdm(total=cfg.steps, initial=step, desc="sft", dynamic_ncols=True, disable=not dist.is_main())
     while step < cfg.steps:
         t0 = time.time()
-        batch = [examples[i] for i in data.take(cfg.batch_size)]
-        ids, attn, mask = collate(batch, tok.pad_token_id, cfg.device)
-        logp = token_logprobs(model, ids, attn, mask.shape[1])          # (B, C)
-        loss = sft_loss(logp, mask)
+        batch = [examples[i] for i in dist.shard(data.take(cfg.batch_size))]  # this rank's slice
+        ids, attn, mask = collate(batch, tok.pad_token_id, device)
+        loss = batch_loss(model, ids, attn, mask)
+        num_tokens = mask.sum()
+        if dist.world() > 1:  # this rank's share of the token mean over the GLOBAL batch (dist.py)
+            num_tokens = dist.all_sum(num_tokens)
+            loss = loss * (mask.sum() / num_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist.sync_grads(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        skipped = not torch.isfinite(grad_norm)
+        if not skipped:
+            opt.step()
+        # else: a NaN/inf gradient would poison the weights and Adam's moments; skip the update (the
+        # step still counts, so the schedule and the data stay where an uninterrupted run has them)
         sched.step()
         step += 1
-        m = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
-             "num_tokens": int(mask.sum()), "epoch": data.epoch, "step_time": time.time() - t0}
+        m = {"step": step, "loss": dist.all_sum(loss.item()), "grad_norm": grad_norm.item(),
+             "skipped_steps": int(skipped), "lr": sched.get_last_lr()[0], "num_tokens": int(num_tokens), "epoch": data.epoch, "step_time": time.time() - t0}
         log.write(json.dumps(m) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=data.epoch)
@@ -196,8 +230,9 @@ def main(cfg):
         result = {"held_out_accuracy": acc, "n": cfg.eval_n}
         print(f"held-out greedy accuracy after SFT: {acc:.3f} on {cfg.eval_n} {cfg.task} problems")
         print("sample:", repr(comps[0]))
-    with open(os.path.join(cfg.out, "sft_result.json"), "w") as f:
-        json.dump(result, f)
+    if dist.is_main():
+        with open(os.path.join(cfg.out, "sft_result.json"), "w") as f:
+            json.dump(result, f)
     log.close()
     return model, tok, result
 

@@ -218,13 +218,16 @@ def test_sampling_logprobs_equal_training_logprobs():
 
 
 def test_sampling_with_top_k_only_draws_top_k_tokens():
-    """With top_k=1 sampling is greedy decoding, whatever the temperature."""
+    """With top_k=1 sampling is greedy decoding over the tokens that can be sampled (the pad token is
+    never sampled), whatever the temperature: model.generate greedy with the pad suppressed."""
     torch.manual_seed(0)
     m, tok = varied_model()
     prompts = [chat(tok, t) for t in PROMPTS]
-    g = rollout.generate(m, tok, prompts, max_new_tokens=12, greedy=True)
+    ids, mask = rollout.left_pad(prompts, tok.pad_token_id, "cpu")
+    g = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                   suppress_tokens=[tok.pad_token_id])
     s = rollout.generate(m, tok, prompts, max_new_tokens=12, temperature=1.5, top_k=1)
-    assert torch.equal(g.completion_ids, s.completion_ids)
+    assert torch.equal(g[:, ids.shape[1]:], s.completion_ids)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""grpo.score with reward functions that raise or return None / NaN / inf / junk: those samples abstain for
+that function (NaN), the others are scored, a group with no scorable sample gets advantage 0, and a run
+with a broken reward function trains on and logs rewards/<fn>/abstained. Also the code reward end to end
+on examples/code_problems.jsonl."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import grpo
+import rewards
+from grpo import group_advantages, score
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "code_problems.jsonl")
+
+
+def length(prompts, completions, **kw):
+    return [float(len(c)) for c in completions]
+
+
+def raises_on_boom(prompts, completions, **kw):
+    """Fails for the whole batch as soon as one completion contains 'boom'."""
+    if any("boom" in c for c in completions):
+        raise RuntimeError("boom")
+    return [1.0] * len(completions)
+
+
+def always_raises(prompts, completions, **kw):
+    raise KeyError("no such column")
+
+
+def junk(prompts, completions, **kw):
+    return [None, math.nan, math.inf, "abc", -math.inf, 2][:len(completions)]
+
+
+def wrong_length(prompts, completions, **kw):
+    return [1.0]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_reports(monkeypatch):
+    monkeypatch.setattr(grpo, "_reported_faults", set())
+
+
+def run_score(funcs, completions, weights=None, **columns):
+    n = len(completions)
+    w = torch.tensor(weights or [1.0] * len(funcs))
+    return score(funcs, w, ["p"] * n, completions, [[1]] * n, columns)
+
+
+def nan_equal(a, b):
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
+def test_only_the_sample_that_makes_a_function_raise_abstains(capsys):
+    """raises_on_boom fails on the batch; called again per sample it fails only on 'boom': that sample
+    abstains for it (NaN) and still gets length's reward. Totals: weights 1 and 0.5."""
+    per_fn, total = run_score([length, raises_on_boom], ["ab", "boom", "c"], weights=[1.0, 0.5])
+    assert nan_equal(per_fn, torch.tensor([[2., 1.], [4., math.nan], [1., 1.]]))
+    assert torch.equal(total, torch.tensor([2.5, 4.0, 1.5]))
+    err = capsys.readouterr().err
+    assert "reward function raises_on_boom raised" in err and "RuntimeError: boom" in err
+
+
+def test_non_numbers_and_non_finite_values_abstain():
+    """None (by choice), NaN, +-inf and a string all become NaN; 2 stays 2."""
+    per_fn, total = run_score([junk, length], ["a"] * 6, weights=[1.0, 1.0])
+    assert nan_equal(per_fn[:, 0], torch.tensor([math.nan] * 5 + [2.0]))
+    assert torch.equal(total, torch.tensor([1., 1., 1., 1., 1., 3.]))
+
+
+def test_wrong_length_and_always_raising_abstain_everywhere(capsys):
+    """Every sample abstains for such a function; where every function abstains the total is NaN."""
+    per_fn, total = run_score([always_raises, wrong_length], ["a", "b"])
+    assert torch.isnan(per_fn).all() and torch.isnan(total).all()
+    err = capsys.readouterr().err
+    assert "always_raises raised" in err and "KeyError" in err
+    assert "wrong_length returned the wrong number of values" in err
+
+
+def test_each_fault_is_reported_once(capsys):
+    for _ in range(3):
+        run_score([always_raises, length], ["a", "b"])
+    assert capsys.readouterr().err.count("always_raises raised") == 1
+
+
+def test_a_group_with_no_scorable_sample_gets_zero_advantage():
+    """Group 1 (samples 0-3) scores 1, 0, 0, 1; group 2 (samples 4-7) all make the only function fail.
+    Group 1: mean 1/2, unbiased std sqrt(1/3), A = +-(1/2)/(std + 1e-4); group 2: A = 0, not NaN."""
+    def reward(prompts, completions, **kw):
+        if any(c == "x" for c in completions):
+            raise ValueError("x")
+        return [float(c == "right") for c in completions]
+
+    _, total = run_score([reward], ["right", "wrong", "wrong", "right", "x", "x", "x", "x"])
+    assert torch.isnan(total[4:]).all()
+    adv = group_advantages(total, 4, "group")
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0., 0., 0., 0.]))
+    for scale in ("group", "batch", "none"):
+        assert torch.equal(group_advantages(total, 4, scale)[4:], torch.zeros(4))
+
+
+# -----------------------------------------------------------------------------
+# End to end
+
+SOLUTIONS = {  # a right answer to each problem of examples/code_problems.jsonl, in order
+    0: "def add(a, b):\n    return a + b",
+    1: "def is_palindrome(s):\n    return s == s[::-1]",
+    2: "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a",
+    3: "a, b = map(int, input().split())\nprint(a + b)",
+    4: "print(' '.join(reversed(input().split())))",
+}
+
+
+def example_rows():
+    with open(EXAMPLE) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_code_reward_through_score_on_the_example_problems():
+    """Each example problem with its right solution scores 1; a naive recursive fib passes the three small
+    cases and times out on fib(90): 3/4; the prose answer has no code block: 0. Weighted with format (0.1,
+    which is 0 here: no <think>/<answer> tags), exactly as grpo.main scores a batch."""
+    from sandbox import Sandbox
+    rows = example_rows()
+    naive_fib = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)"
+    completions = [f"```python\n{code}\n```" for code in [*SOLUTIONS.values(), naive_fib]] + ["I don't know"]
+    idx = list(range(5)) + [2, 0]
+    box = Sandbox(timeout=1.0, max_parallel=2)
+    code_reward = lambda *a, **kw: rewards.code_reward(*a, sandbox=box, **kw)  # noqa: E731
+    per_fn, total = run_score([code_reward, rewards.format_reward], completions, weights=[1.0, 0.1],
+                              tests=[rows[i]["tests"] for i in idx])
+    assert per_fn[:, 0].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.0]
+    assert total.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.0]
+
+
+def test_grpo_trains_on_with_a_broken_reward_function(tmp_path):
+    """Two steps on the example JSONL with --reward-funcs code,always_raises: always_raises abstains on every
+    sample (4 per step, logged as rewards/<name>/abstained), code scores every sample (0 abstained;
+    the untrained model writes no code block, so 0), and both steps complete."""
+    out = str(tmp_path / "out")
+    cfg = grpo.GRPOConfig(init="scratch", data=EXAMPLE, out=out, steps=2, num_prompts=2, num_generations=2,
+                          max_new_tokens=6, eval_n=0, eval_every=0, sample_every=0, save_every=0, threads=1,
+                          reward_funcs="code,test_reward_faults:always_raises", reward_weights="1,1")
+    grpo.main(cfg)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        ms = [json.loads(line) for line in f]
+    assert [m["step"] for m in ms] == [1, 2]
+    broken = "rewards/test_reward_faults:always_raises/abstained"   # metric names are the --reward-funcs names
+    assert all(m[broken] == 4 and m["rewards/code/abstained"] == 0 for m in ms)
+    assert all(m["rewards/code/mean"] == 0.0 for m in ms)
