@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dist
+import kernels
 import rewards
 import sft
 from model import (ShuffledCycle, TooLong, check_text_or_messages, encode_example, encode_prompt, load, load_state,
@@ -107,6 +108,7 @@ class DPOConfig:
     device: str = "cpu"
     seed: int = 0
     threads: int = 2
+    kernels: str = "auto"          # auto = the Triton log-prob kernel on CUDA (kernels/), PyTorch elsewhere | off
 
 
 # -----------------------------------------------------------------------------
@@ -294,6 +296,7 @@ def sample_pairs(model, tok, problems, cfg):
 
 def main(cfg):
     torch.set_num_threads(cfg.threads)
+    kernels.set_mode(cfg.kernels)
     device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op
     rank, world = dist.rank(), dist.world()
     seed_everything(cfg.seed + rank)             # ranks sample differently; rank 0 is the single-process run
@@ -315,7 +318,7 @@ def main(cfg):
             raise FileNotFoundError(f"--init {cfg.init!r} does not exist: run sft.py (or torchrun sft.py) first")
         print(f"no cold-start checkpoint at {cfg.init}: running sft.py first")
         sft.main(sft.SFTConfig(model=cfg.model, task=cfg.task, out=cfg.init, device=cfg.device,
-                               seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n))
+                               seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n, kernels=cfg.kernels))
         seed_everything(cfg.seed)
     start = cfg.model if cfg.init == "scratch" or own_data else cfg.init
     model, tok = load(start, device, seed=cfg.seed)

@@ -56,8 +56,8 @@ import dist
 import rewards
 import sft
 from model import (DataError, ShuffledCycle, TooLong, check_text_or_messages, completion_hidden, encode_prompt,
-                   load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs,
-                   trim_log, write_config)
+                   load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state,
+                   token_logprobs, trim_log, write_config)
 from rollout import Rollout, generate
 
 
@@ -536,7 +536,9 @@ def main(cfg):
                 dist.all_sum(seen_groups)
         if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["held_out_accuracy"] = evaluate()[0]
-        log.write(json.dumps(metrics) + "\n")
+        # NaN (e.g. every sample abstained) is not JSON: write null
+        log.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
+                              for k, v in metrics.items()}) + "\n")
         log.flush()
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}",
                         len=f"{metrics['completions/mean_length']:.1f}", ent=f"{metrics['entropy']:.2f}")
