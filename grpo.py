@@ -205,6 +205,11 @@ def group_advantages(rewards_, G, scale="group", rloo=False, eps=1e-4):
     if kernels.active(rewards_):
         from kernels.advantage import group_advantages_triton
         return group_advantages_triton(rewards_, G, scale, rloo, eps)
+    return group_advantages_torch(rewards_, G, scale, rloo, eps)
+
+
+def group_advantages_torch(rewards_, G, scale="group", rloo=False, eps=1e-4):
+    """group_advantages in PyTorch: the specification the kernel is tested against."""
     r = rewards_.view(-1, G)                                      # (P, G)
     valid = ~torch.isnan(r)
     n = valid.sum(1, keepdim=True).float()                        # (P, 1)
@@ -220,7 +225,7 @@ def group_advantages(rewards_, G, scale="group", rloo=False, eps=1e-4):
         adv = adv / (std + eps)
     elif scale == "batch":
         flat = r[valid]
-        std = flat.std() if flat.numel() > 1 else torch.tensor(0.0)
+        std = flat.std() if flat.numel() > 1 else torch.tensor(0.0, device=r.device)
         adv = adv / (std + eps)
     elif scale != "none":
         raise ValueError(f"scale_rewards must be group, batch or none, got {scale!r}")

@@ -22,29 +22,10 @@ import triton.language as tl
 # Reference
 
 def group_advantages_reference(rewards, G, scale="group", rloo=False, eps=1e-4):
-    """grpo.group_advantages, kept here as the kernel's specification (tests pin the two equal; the
-    kernel modules import triton, grpo.py imports them only when the kernels run)."""
-    r = rewards.view(-1, G)                                       # (P, G)
-    valid = ~torch.isnan(r)
-    n = valid.sum(1, keepdim=True).float()                        # (P, 1)
-    r0 = torch.where(valid, r, torch.zeros_like(r))
-    total = r0.sum(1, keepdim=True)
-    mean = total / n.clamp(min=1)
-    if rloo:  # baseline = mean of the other samples of the group
-        adv = r0 - (total - r0) / (n - 1).clamp(min=1)
-    else:
-        adv = r0 - mean
-    if scale == "group":
-        std = (((r0 - mean) ** 2 * valid).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
-        adv = adv / (std + eps)
-    elif scale == "batch":
-        flat = r[valid]
-        std = flat.std() if flat.numel() > 1 else torch.tensor(0.0, device=r.device)
-        adv = adv / (std + eps)
-    elif scale != "none":
-        raise ValueError(f"scale_rewards must be group, batch or none, got {scale!r}")
-    adv = torch.where(valid & (n > 1), adv, torch.zeros_like(adv))
-    return adv.view(-1)
+    """The kernel's specification is the trainer's own PyTorch path, grpo.group_advantages_torch: the
+    conventions above live there, with the rest of the algorithm, and nowhere else."""
+    from grpo import group_advantages_torch   # here, not at the top: grpo.py imports this module lazily
+    return group_advantages_torch(rewards, G, scale, rloo, eps)
 
 
 # -----------------------------------------------------------------------------
