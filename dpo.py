@@ -109,6 +109,7 @@ class DPOConfig:
     seed: int = 0
     threads: int = 2
     kernels: str = "auto"          # auto = the Triton log-prob kernel on CUDA (kernels/), PyTorch elsewhere | off
+    fsdp: bool = False             # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
 
 
 # -----------------------------------------------------------------------------
@@ -185,10 +186,11 @@ def pair_logps(model, pairs, pad_id, device):
 def reference_logps(model, pairs, pad_id, device, micro_batch):
     """(N, 2) summed log-probs [chosen, rejected] of every pair under `model`, computed once."""
     out = []
-    for i in range(0, len(pairs), micro_batch):
-        s, _ = pair_logps(model, pairs[i:i + micro_batch], pad_id, device)
-        out.append(s.view(2, -1).T)                                   # (b, 2)
-    return torch.cat(out).cpu()
+    with dist.gathered(model):  # --fsdp: ranks may hold different numbers of pairs; no lockstep needed
+        for i in range(0, len(pairs), micro_batch):
+            s, _ = pair_logps(model, pairs[i:i + micro_batch], pad_id, device)
+            out.append(s.view(2, -1).T)                               # (b, 2)
+    return torch.cat(out).cpu() if out else torch.zeros(0, 2)
 
 
 def fingerprint(pairs):
@@ -275,11 +277,13 @@ def sample_pairs(model, tok, problems, cfg):
     flat = [ids for ids in prompts for _ in range(k)]                 # each prompt k times, grouped
     model.eval()
     comps, texts = [], []
-    for i in range(0, len(flat), cfg.generation_batch):
-        r = generate(model, tok, flat[i:i + cfg.generation_batch], cfg.max_new_tokens, cfg.temperature)
-        # exactly the sampled tokens, up to and including EOS: the policy's own sequences, not re-tokenized text
-        comps += [row[m.bool()].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
-        texts += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
+    with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
+        for i in range(0, len(flat), cfg.generation_batch):
+            r = generate(model, tok, flat[i:i + cfg.generation_batch], cfg.max_new_tokens, cfg.temperature,
+                         engine=sft.rollout_engine(model))
+            # exactly the sampled tokens, up to and including EOS: the policy's own sequences, not re-tokenized text
+            comps += [row[m.bool()].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
+            texts += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
     rows = [p.row() for p in problems for _ in range(k)]
     check = rewards.countdown_reward if problems[0].columns else rewards.accuracy_reward
     scores = check([r["prompt"] for r in rows], texts, **{c: [r[c] for r in rows] for c in rows[0] if c != "prompt"})
@@ -321,7 +325,8 @@ def main(cfg):
                                seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n, kernels=cfg.kernels))
         seed_everything(cfg.seed)
     start = cfg.model if cfg.init == "scratch" or own_data else cfg.init
-    model, tok = load(start, device, seed=cfg.seed)
+    where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
+    model, tok = load(start, where, dtype, seed=cfg.seed)
     file_pairs = None
     if cfg.data:  # every row is checked and tokenized here, before anything is written
         file_pairs = []
@@ -332,15 +337,18 @@ def main(cfg):
     stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)  # GRPO's prompt stream
     if dist.is_main():
         write_config(cfg, cfg.out)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    if cfg.resume:  # the weights of the last checkpoint (whole: sharded below)
+        model.load_state_dict(load(cfg.out, where, dtype)[0].state_dict())
+    if cfg.fsdp:
+        model = dist.shard_model(model, device)
+    opt = torch.optim.AdamW(dist.param_groups(model), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sft.cosine_lr(s, cfg.warmup, cfg.steps))
     rounds = 1 if cfg.data else cfg.rounds                            # a file's pairs: one round, one reference
     per_round = -(-cfg.steps // rounds)                               # steps per round (ceil)
     step, history, rounds_log, data_state = 0, [], [], None
     if cfg.resume:
         st = load_state(cfg.out)
-        model.load_state_dict(load(cfg.out, device)[0].state_dict())
-        opt.load_state_dict(st["optimizer"])
+        dist.load_optimizer_state(model, opt, st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, history, rounds_log, data_state = st["step"], st["history"], st["rounds"], st["data"]
         stream.seek(data_state["stream"])
@@ -375,8 +383,8 @@ def main(cfg):
                 ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch)  # (N, 2)
             else:  # each rank samples and scores its slice of the problems; all ranks then hold all pairs
                 pairs, shown, stats = sample_pairs(model, tok, dist.shard(stream.take(cfg.num_prompts)), cfg)
-                ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch) if pairs else \
-                    torch.zeros(0, 2)
+                # (N, 2); called with no pairs too: under --fsdp every rank must join the gathering
+                ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch)
                 parts = dist.gather_objects((pairs, ref, stats))
                 pairs, ref = [p for ps, _, _ in parts for p in ps], torch.cat([x for _, x, _ in parts])
                 stats = {k: sum(s[k] for _, _, s in parts) for k in stats}       # counts add up
@@ -403,11 +411,12 @@ def main(cfg):
 
     def checkpoint():  # rank 0 writes (the replicas are identical); every rank's RNG goes with it
         rngs = dist.gather_objects(rng_state())
+        weights, optim = dist.model_state(model), dist.optimizer_state(model, opt)  # --fsdp: gathered, collective
         if dist.is_main():
-            save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+            save(model, tok, cfg.out, {"optimizer": optim, "scheduler": sched.state_dict(), "step": step,
                                        "history": history, "rounds": rounds_log, "rng": rngs[0], "rng_by_rank": rngs,
                                        "data": {"stream": stream.position, "pairs": cycle.state()},
-                                       "config": vars(cfg)})
+                                       "config": vars(cfg)}, weights)
         dist.barrier()
 
     if held and step == 0:
@@ -454,7 +463,7 @@ def main(cfg):
         dist.sync_grads(model)                                        # sum over ranks: the global batch's gradient
         acc = {k: dist.all_sum(v) for k, v in acc.items()}
         num_tokens = int(dist.all_sum(num_tokens))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = dist.clip_grad_norm_(model, cfg.grad_clip)
         skipped = not torch.isfinite(grad_norm)
         if not skipped:  # a NaN/inf gradient would poison the weights and Adam's moments: skip the update
             opt.step()

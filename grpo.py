@@ -109,6 +109,7 @@ class GRPOConfig:
     seed: int = 0
     threads: int = 2
     kernels: str = "auto"          # auto = Triton kernels on CUDA (kernels/), PyTorch elsewhere | off
+    fsdp: bool = False             # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
 
 
 # -----------------------------------------------------------------------------
@@ -371,6 +372,9 @@ def main(cfg):
     G, P = cfg.num_generations, cfg.num_prompts
     if P % world:
         raise ValueError(f"--num-prompts {P} must be a multiple of the number of processes ({world})")
+    if cfg.fsdp and cfg.dynamic_sampling and world > 1:  # sharded forwards must run in lockstep on every rank
+        raise ValueError("--dynamic-sampling with --fsdp: ranks may keep different numbers of groups, hence run "
+                         "different numbers of sharded forwards; not supported (use it without --fsdp)")
     Pl = P // world                              # this rank's prompts per step; all G samples of each
     held = rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n and not cfg.data else []
 
@@ -386,20 +390,24 @@ def main(cfg):
                                kernels=cfg.kernels))
         seed_everything(cfg.seed)
     start = cfg.model if cfg.init == "scratch" else cfg.init
-    model, tok = load(start, device, seed=cfg.seed)
+    where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
+    model, tok = load(start, where, dtype, seed=cfg.seed)
     prompts_src = Prompts(cfg, tok, held, names)        # JSONL is checked here, before any training
     ref = None
     if cfg.beta != 0.0:  # a frozen copy of the starting policy; with beta = 0 none is kept
         ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.resume:  # the weights of the last checkpoint (whole: sharded below)
+        model.load_state_dict(load(cfg.out, where, dtype)[0].state_dict())
+    if cfg.fsdp:  # the reference is sharded the same way (it is as large as the policy)
+        model, ref = dist.shard_model(model, device), ref and dist.shard_model(ref, device)
     if dist.is_main():
         write_config(cfg, cfg.out)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(dist.param_groups(model), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     step, history = 0, []
     if cfg.resume:
         st = load_state(cfg.out)
-        model.load_state_dict(load(cfg.out, device)[0].state_dict())
-        opt.load_state_dict(st["optimizer"])
+        dist.load_optimizer_state(model, opt, st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, history = st["step"], st["history"]
         prompts_src.load(st["data"])
@@ -413,10 +421,11 @@ def main(cfg):
 
     def checkpoint():  # rank 0 writes (the replicas are identical); every rank's RNG goes with it
         rngs = dist.gather_objects(rng_state())
+        weights, optim = dist.model_state(model), dist.optimizer_state(model, opt)  # --fsdp: gathered, collective
         if dist.is_main():
-            save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+            save(model, tok, cfg.out, {"optimizer": optim, "scheduler": sched.state_dict(), "step": step,
                                        "history": history, "data": prompts_src.state(), "rng": rngs[0],
-                                       "rng_by_rank": rngs, "config": vars(cfg)})
+                                       "rng_by_rank": rngs, "config": vars(cfg)}, weights)
         dist.barrier()
 
     if held and step == 0:
@@ -438,8 +447,9 @@ def main(cfg):
             prompts = [r["prompt"] for r in rows for _ in range(G)]           # each prompt G times, grouped
             ids = [encode_prompt(tok, p) for p in prompts]
             model.eval()
-            roll = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                            engine=cfg.rollout_engine)
+            with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
+                roll = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                engine=sft.rollout_engine(model, cfg.rollout_engine))
             model.train()
             comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
             texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
@@ -504,7 +514,7 @@ def main(cfg):
                 if st_["kl"] is not None:
                     acc["kl"] += float((st_["kl"].detach() * m).sum()) * w
             dist.sync_grads(model)              # sum over ranks = the gradient of the global batch
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = dist.clip_grad_norm_(model, cfg.grad_clip)
             if torch.isfinite(grad_norm):
                 opt.step()
             else:  # a NaN/inf gradient would poison the weights: skip the update, keep going
@@ -541,9 +551,7 @@ def main(cfg):
                 dist.all_sum(seen_groups)
         if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["held_out_accuracy"] = evaluate()[0]
-        # NaN (e.g. every sample abstained) is not JSON: write null
-        log.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
-                              for k, v in metrics.items()}) + "\n")
+        log.write(json.dumps(metrics) + "\n")
         log.flush()
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}",
                         len=f"{metrics['completions/mean_length']:.1f}", ent=f"{metrics['entropy']:.2f}")

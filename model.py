@@ -154,13 +154,14 @@ def recover(out_dir):
     os.rmdir(ready)
 
 
-def save(model, tok, out_dir, state=None):
-    """Write a checkpoint to out_dir atomically (see above). Logs and other files in out_dir are kept."""
+def save(model, tok, out_dir, state=None, weights=None):
+    """Write a checkpoint to out_dir atomically (see above). Logs and other files in out_dir are kept.
+    weights: the full state dict when the model itself holds only shards (--fsdp, dist.model_state)."""
     os.makedirs(out_dir, exist_ok=True)
     recover(out_dir)
     tmp = os.path.join(out_dir, TMP)
     unwrapped = getattr(model, "module", model)  # DDP wraps the model
-    unwrapped.save_pretrained(tmp, safe_serialization=True)
+    unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     tok.save_pretrained(tmp)
     if state is not None:
         os.makedirs(os.path.join(tmp, "trainer_state"))

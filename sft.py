@@ -57,6 +57,7 @@ class SFTConfig:
     resume: bool = False
     threads: int = 2             # torch CPU threads
     kernels: str = "auto"        # auto = Triton kernels on CUDA (kernels/), PyTorch elsewhere | off
+    fsdp: bool = False           # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
 
 
 # -----------------------------------------------------------------------------
@@ -136,17 +137,25 @@ def evaluate(model, tok, problems, max_new_tokens, batch_size=250):
     """Greedy accuracy on built-in problems; also returns the decoded completions."""
     model.eval()
     completions = []
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = [encode_prompt(tok, p.row()["prompt"]) for p in chunk]
-        r = generate(model, tok, prompts, max_new_tokens, greedy=True)
-        completions += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
+    with dist.gathered(model):   # --fsdp: whole weights for the decode, no per-token all-gathers
+        for i in range(0, len(problems), batch_size):
+            chunk = problems[i:i + batch_size]
+            prompts = [encode_prompt(tok, p.row()["prompt"]) for p in chunk]
+            r = generate(model, tok, prompts, max_new_tokens, greedy=True, engine=rollout_engine(model))
+            completions += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
     score = rewards.countdown_reward if problems and problems[0].columns else rewards.accuracy_reward
     rows = [p.row() for p in problems]
     cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
     acc = score([r["prompt"] for r in rows], completions, **cols)
     model.train()
     return sum(acc) / max(len(acc), 1), completions
+
+
+def rollout_engine(model, engine="auto"):
+    """A sharded model decodes with the simple engine: the static / CUDA-graph engines keep buffers and
+    captured addresses of the weights across calls, and a sharded model's gathered weights are freed
+    and re-allocated (elsewhere) between rollouts."""
+    return "simple" if dist.is_sharded(model) else engine
 
 
 def cosine_lr(step, warmup, total):
@@ -164,19 +173,22 @@ def main(cfg):
     device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op
     seed_everything(cfg.seed)
     print(json.dumps(vars(cfg)))
-    model, tok = load(cfg.model, device, seed=cfg.seed)
+    where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
+    model, tok = load(cfg.model, where, dtype, seed=cfg.seed)
     examples = load_examples(cfg, tok)  # every row is checked before the first step
     if dist.is_main():
         write_config(cfg, cfg.out)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.warmup, cfg.steps))
-    step, data = 0, ShuffledCycle(len(examples), cfg.seed)
+    st = None
     if cfg.resume:
         st = load_state(cfg.out)
-        model, tok = load(cfg.out, device)  # the weights of the last checkpoint
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.warmup, cfg.steps))
-        opt.load_state_dict(st["optimizer"])
+        model, tok = load(cfg.out, where, dtype)  # the weights of the last checkpoint (whole: sharded below)
+    if cfg.fsdp:
+        model = dist.shard_model(model, device)
+    opt = torch.optim.AdamW(dist.param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.warmup, cfg.steps))
+    step, data = 0, ShuffledCycle(len(examples), cfg.seed)
+    if st is not None:
+        dist.load_optimizer_state(model, opt, st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step = st["step"]
         data.load(st["data"])
@@ -184,10 +196,11 @@ def main(cfg):
     model.train()
 
     def checkpoint():  # rank 0 writes: the replicas are identical (SFT draws no random numbers)
+        weights, optim = dist.model_state(model), dist.optimizer_state(model, opt)  # --fsdp: gathered, collective
         if dist.is_main():
-            save(model, tok, cfg.out, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+            save(model, tok, cfg.out, {"optimizer": optim, "scheduler": sched.state_dict(), "step": step,
                                        "data": data.state(), "rng": rng_state(),
-                                       "config": vars(cfg)})
+                                       "config": vars(cfg)}, weights)
         dist.barrier()
 
     if cfg.resume and dist.is_main():
@@ -206,7 +219,7 @@ def main(cfg):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.sync_grads(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = dist.clip_grad_norm_(model, 1.0)
         skipped = not torch.isfinite(grad_norm)
         if not skipped:
             opt.step()
