@@ -224,6 +224,13 @@ def is_sharded(model):
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def rollout_engine(model, engine="auto"):
+    """A sharded model decodes with the simple engine: the static / CUDA-graph engines keep buffers and
+    captured addresses of the weights across calls, and a sharded model's gathered weights are freed
+    and re-allocated (elsewhere) between rollouts."""
+    return "simple" if is_sharded(model) else engine
+
+
 def clip_grad_norm_(model, max_norm):
     """torch.nn.utils.clip_grad_norm_ over the whole model, also when some gradients are shards
     (DTensors) and some are replicated: the global norm is sqrt(sum over ranks of the squared norms of

@@ -280,7 +280,7 @@ def sample_pairs(model, tok, problems, cfg):
     with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
         for i in range(0, len(flat), cfg.generation_batch):
             r = generate(model, tok, flat[i:i + cfg.generation_batch], cfg.max_new_tokens, cfg.temperature,
-                         engine=sft.rollout_engine(model))
+                         engine=dist.rollout_engine(model))
             # exactly the sampled tokens, up to and including EOS: the policy's own sequences, not re-tokenized text
             comps += [row[m.bool()].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
             texts += tok.batch_decode(r.completion_ids, skip_special_tokens=True)

@@ -449,7 +449,7 @@ def main(cfg):
             model.eval()
             with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
                 roll = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                engine=sft.rollout_engine(model, cfg.rollout_engine))
+                                engine=dist.rollout_engine(model, cfg.rollout_engine))
             model.train()
             comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
             texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)

@@ -141,7 +141,7 @@ def evaluate(model, tok, problems, max_new_tokens, batch_size=250):
         for i in range(0, len(problems), batch_size):
             chunk = problems[i:i + batch_size]
             prompts = [encode_prompt(tok, p.row()["prompt"]) for p in chunk]
-            r = generate(model, tok, prompts, max_new_tokens, greedy=True, engine=rollout_engine(model))
+            r = generate(model, tok, prompts, max_new_tokens, greedy=True, engine=dist.rollout_engine(model))
             completions += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
     score = rewards.countdown_reward if problems and problems[0].columns else rewards.accuracy_reward
     rows = [p.row() for p in problems]
@@ -149,13 +149,6 @@ def evaluate(model, tok, problems, max_new_tokens, batch_size=250):
     acc = score([r["prompt"] for r in rows], completions, **cols)
     model.train()
     return sum(acc) / max(len(acc), 1), completions
-
-
-def rollout_engine(model, engine="auto"):
-    """A sharded model decodes with the simple engine: the static / CUDA-graph engines keep buffers and
-    captured addresses of the weights across calls, and a sharded model's gathered weights are freed
-    and re-allocated (elsewhere) between rollouts."""
-    return "simple" if dist.is_sharded(model) else engine
 
 
 def cosine_lr(step, warmup, total):

@@ -94,7 +94,7 @@ def check_sharded_generate(rank):
     prompts = [[12 + rank, 40, 50 + 3 * rank], [60, 61 - rank]][:1 + rank]
     for n in (3 + 5 * rank, 2):
         with dist.gathered(sharded):
-            got = rollout.generate(sharded, tok, prompts, n, greedy=True, engine=sft.rollout_engine(sharded))
+            got = rollout.generate(sharded, tok, prompts, n, greedy=True, engine=dist.rollout_engine(sharded))
         want = rollout.generate(whole, tok, prompts, n, greedy=True)
         assert torch.equal(got.completion_ids, want.completion_ids)
 
