@@ -425,8 +425,9 @@ def main(cfg):
     if cfg.resume and dist.is_main():
         trim_log(os.path.join(cfg.out, "metrics.jsonl"), step)
     logs = cfg.out if dist.is_main() else None   # only rank 0 writes
-    log = open(os.path.join(logs, "metrics.jsonl") if logs else os.devnull, "a")
-    samples_log = open(os.path.join(logs, "samples.jsonl") if logs else os.devnull, "a")
+    mode = "a" if cfg.resume else "w"            # a fresh run starts its logs empty: OUT holds one run
+    log = open(os.path.join(logs, "metrics.jsonl") if logs else os.devnull, mode)
+    samples_log = open(os.path.join(logs, "samples.jsonl") if logs else os.devnull, mode)
     bar = tqdm(total=cfg.steps, initial=step, desc="dpo", dynamic_ncols=True, disable=not dist.is_main())
     round_stats = {}
     while step < cfg.steps:

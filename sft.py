@@ -198,7 +198,9 @@ def main(cfg):
 
     if cfg.resume and dist.is_main():
         trim_log(os.path.join(cfg.out, "sft_metrics.jsonl"), step)
-    log = open(os.path.join(cfg.out, "sft_metrics.jsonl") if dist.is_main() else os.devnull, "a")
+    # a fresh run starts its log empty (OUT holds one run); --resume appends after the trimmed log
+    log = open(os.path.join(cfg.out, "sft_metrics.jsonl") if dist.is_main() else os.devnull,
+               "a" if cfg.resume else "w")
     bar = tqdm(total=cfg.steps, initial=step, desc="sft", dynamic_ncols=True, disable=not dist.is_main())
     while step < cfg.steps:
         t0 = time.time()
@@ -221,7 +223,8 @@ def main(cfg):
         sched.step()
         step += 1
         m = {"step": step, "loss": dist.all_sum(loss.item()), "grad_norm": grad_norm.item(),
-             "skipped_steps": int(skipped), "lr": sched.get_last_lr()[0], "num_tokens": int(num_tokens), "epoch": data.epoch, "step_time": time.time() - t0}
+             "skipped_steps": int(skipped), "lr": sched.get_last_lr()[0], "num_tokens": int(num_tokens),
+             "epoch": data.epoch, "step_time": time.time() - t0}
         log.write(json.dumps(m) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=data.epoch)

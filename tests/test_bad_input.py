@@ -195,3 +195,24 @@ def test_resume_with_bad_data_keeps_checkpoint_and_logs(tmp_path, script):
     with pytest.raises(M.DataError, match=r"d\.jsonl:2: malformed JSON"):
         main(cfg)
     assert snapshot(out) == before                       # every byte of every file
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo", "dpo"])
+def test_a_fresh_run_replaces_the_logs_but_a_failing_one_keeps_them(tmp_path, script):
+    """OUT holds one run: a new run (no --resume) into it starts its metrics log empty, once its input
+    has passed the checks; a new run whose data fails leaves the previous run's log as it was."""
+    good = write(tmp_path / "good.jsonl", [GOOD[script]] * 4)
+    bad = write(tmp_path / "bad.jsonl", [GOOD[script], "{"])
+    out = str(tmp_path / "out")
+    log = os.path.join(out, "sft_metrics.jsonl" if script == "sft" else "metrics.jsonl")
+    main, cfg = config(script, good, out, steps=2)
+    main(cfg)
+    first = open(log).read()
+    assert [json.loads(ln)["step"] for ln in first.splitlines()] == [1, 2]
+    main, cfg = config(script, bad, out, steps=1)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
+        main(cfg)
+    assert open(log).read() == first
+    main, cfg = config(script, good, out, steps=1)
+    main(cfg)
+    assert [json.loads(ln)["step"] for ln in open(log).read().splitlines()] == [1]
