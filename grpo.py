@@ -492,6 +492,8 @@ def main(cfg):
             if ref is not None:
                 ref_logp = torch.cat([token_logprobs(ref, roll.input_ids[s], roll.attention_mask[s], C,
                                                      cfg.temperature) for s in mbs])
+        if roll.input_ids.is_cuda:
+            torch.cuda.synchronize()  # CUDA runs asynchronously: wait, or the time lands in time/train
         t_logprobs = time.time() - t1
 
         # ---- num_iterations optimizer steps on the same batch -------------------------------------

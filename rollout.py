@@ -321,8 +321,12 @@ class StaticDecoder:
                     self.decode_step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.decode_step()   # recorded, not run: the state does not advance here
+            stream = torch.cuda.current_stream()
+            try:
+                with torch.cuda.graph(graph):
+                    self.decode_step()   # recorded, not run: the state does not advance here
+            finally:  # a capture that fails in capture_end leaves torch.cuda.graph's own stream current
+                torch.cuda.set_stream(stream)
         self.graph = graph
         return WARMUP_STEPS
 

@@ -75,13 +75,15 @@ def _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w
 
 @triton.jit
 def _stats_kernel(x_ptr, w_ptr, tgt_ptr, part_ptr, z_ptr, N, V, H, stride_x, stride_w, stride_z, v_per_split,
-                  INV_T: tl.constexpr, NUM_ROW_BLOCKS: tl.constexpr, STORE_Z: tl.constexpr,
+                  num_row_blocks, INV_T: tl.constexpr, STORE_Z: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
     # Program (row block, split). Row blocks vary fastest, so the programs in flight at one time read
-    # the same slice of W (it stays in L2 while x, which is small, is re-read).
+    # the same slice of W (it stays in L2 while x, which is small, is re-read). num_row_blocks is a
+    # runtime argument: each value of a constexpr is a compilation of its own (seconds on a GPU), and
+    # the row count changes with every batch's completion length.
     pid = tl.program_id(0)
-    pid_n = pid % NUM_ROW_BLOCKS
-    pid_s = pid // NUM_ROW_BLOCKS
+    pid_n = pid % num_row_blocks
+    pid_s = pid // num_row_blocks
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
@@ -109,7 +111,7 @@ def _stats_kernel(x_ptr, w_ptr, tgt_ptr, part_ptr, z_ptr, N, V, H, stride_x, str
         m = m_new
     # partials (4, splits, N): m, s, t, zy
     base = part_ptr + pid_s.to(tl.int64) * N + rows
-    plane = tl.num_programs(0).to(tl.int64) // NUM_ROW_BLOCKS * N
+    plane = tl.num_programs(0).to(tl.int64) // num_row_blocks * N
     tl.store(base, m, mask=row_ok)
     tl.store(base + plane, s, mask=row_ok)
     tl.store(base + 2 * plane, t, mask=row_ok)
@@ -117,17 +119,17 @@ def _stats_kernel(x_ptr, w_ptr, tgt_ptr, part_ptr, z_ptr, N, V, H, stride_x, str
 
 
 @triton.jit
-def _dlogits_kernel(x_ptr, w_ptr, tgt_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, dz_ptr,
-                    N, V, H, stride_x, stride_w, stride_dz,
-                    INV_T: tl.constexpr, NUM_ROW_BLOCKS: tl.constexpr, FROM_Z: tl.constexpr, HAS_GENT: tl.constexpr,
+def _dlogits_kernel(x_ptr, w_ptr, tgt_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, z_ptr, dz_ptr,
+                    N, V, H, stride_x, stride_w, stride_z, stride_dz,
+                    num_row_blocks, INV_T: tl.constexpr, FROM_Z: tl.constexpr, HAS_GENT: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
     # dlogits = [g_lp (onehot - p) - g_ent p (z - mu)] / T for one (BLOCK_N, BLOCK_V) tile, computed in
     # fp32 and rounded once when stored (the target's 1 - p is never formed in low precision). FROM_Z:
-    # z is already in dz_ptr (written by _stats_kernel) and is overwritten in place; otherwise the tile
-    # is recomputed from x and W.
+    # z was stored in fp32 at z_ptr by _stats_kernel (z_ptr may be dz_ptr: overwritten in place);
+    # otherwise the tile is recomputed from x and W.
     pid = tl.program_id(0)
-    pid_n = pid % NUM_ROW_BLOCKS
-    pid_v = pid // NUM_ROW_BLOCKS
+    pid_n = pid % num_row_blocks
+    pid_v = pid // num_row_blocks
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
@@ -135,7 +137,7 @@ def _dlogits_kernel(x_ptr, w_ptr, tgt_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, d
     ptrs = dz_ptr + rows[:, None] * stride_dz + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     if FROM_Z:
-        z = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=ok, other=0.0)
     else:
         z = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w,
                          BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC) * INV_T
@@ -208,7 +210,7 @@ def row_stats(x, W, targets, temperature, ignore_index, tiles, z_out=None):
     z = z_out if z_out is not None else part  # unused pointer when not storing
     _stats_kernel[(row_blocks * splits,)](
         x, W, targets, part, z, n, V, H, x.stride(0), W.stride(0), z.stride(0) if z_out is not None else 0,
-        v_per_split, INV_T=1.0 / temperature, NUM_ROW_BLOCKS=row_blocks, STORE_Z=z_out is not None,
+        v_per_split, INV_T=1.0 / temperature, num_row_blocks=row_blocks, STORE_Z=z_out is not None,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=tiles.block_h, DOT_PREC=_dot_prec(x),
         **_launch_kw(tiles))
     m, s, t, zy = part.unbind(0)                       # each (splits, n)
@@ -223,17 +225,23 @@ def row_stats(x, W, targets, temperature, ignore_index, tiles, z_out=None):
     return logp, ent, lse, mu
 
 
-def dlogits(x, W, targets, lse, mu, g_lp, g_ent, temperature, tiles, out, from_z=False):
+def dlogits(x, W, targets, lse, mu, g_lp, g_ent, temperature, tiles, out, z=None):
     """Write the (n, V) gradient of sum(g_lp * logp + g_ent * entropy) w.r.t. the unscaled logits
-    x @ W.T into out (in out's dtype). from_z: out already holds z (from row_stats) and is overwritten."""
+    x @ W.T into out (in out's dtype). z: the (n, V) logits stored by row_stats(z_out=), fp32 (it may
+    be out itself, then overwritten); None: recomputed from x and W. Why fp32: lse comes from the fp32
+    tile, and a bf16 z (off by up to 0.125 at |z| ~ 30) gives p = exp(z - lse) rows that sum to 0.9-1.1,
+    so 1 - p of a confident target can even change sign."""
     n, H = x.shape
     V = W.shape[0]
+    if z is not None and z.dtype != torch.float32:
+        raise ValueError(f"kernels/logprob.py: dlogits needs the stored logits z in float32, got {z.dtype}")
     row_blocks = triton.cdiv(n, tiles.block_n)
     grid = (row_blocks * triton.cdiv(V, tiles.block_v),)
     _dlogits_kernel[grid](
-        x, W, targets, lse, mu, g_lp, g_ent if g_ent is not None else g_lp, out, n, V, H,
-        x.stride(0), W.stride(0), out.stride(0), INV_T=1.0 / temperature, NUM_ROW_BLOCKS=row_blocks,
-        FROM_Z=from_z, HAS_GENT=g_ent is not None, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
+        x, W, targets, lse, mu, g_lp, g_ent if g_ent is not None else g_lp, z if z is not None else out, out,
+        n, V, H, x.stride(0), W.stride(0), z.stride(0) if z is not None else 0, out.stride(0),
+        INV_T=1.0 / temperature, num_row_blocks=row_blocks,
+        FROM_Z=z is not None, HAS_GENT=g_ent is not None, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
         BLOCK_H=tiles.block_h, DOT_PREC=_dot_prec(x), **_launch_kw(tiles))
     return out
 

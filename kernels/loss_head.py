@@ -8,9 +8,12 @@ forward.
 
 Why a separate path from kernels/logprob.py: when each token's loss depends only on that token's
 log-prob, d loss / d logp is known as soon as the forward has logp. So each chunk of rows does: logits
-tile by tile in Triton (online log-sum-exp; the chunk's logits kept in one (chunk, V) workspace) ->
-per-token loss and d loss / d logp ((chunk,) vectors) -> the workspace overwritten in place with
-dlogits = w g (onehot - p) / T -> cuBLAS dX = dlogits @ W, dW += dlogits.T @ x. Three matmuls in all,
+tile by tile in Triton (online log-sum-exp; the chunk's logits kept in a (chunk, V) fp32 workspace) ->
+per-token loss and d loss / d logp ((chunk,) vectors) -> dlogits = w g (onehot - p) / T from the stored
+logits, written in the input dtype (over the logits themselves for fp32 inputs, to a second (chunk, V)
+workspace for bf16: 6 bytes per logit, 1.9 GB at 2048 x 151936) -> cuBLAS dX = dlogits @ W,
+dW += dlogits.T @ x. The logits stay fp32 because lse is the fp32 one: p from bf16-rounded logits
+would not sum to 1 (see kernels.logprob.dlogits). Three matmuls in all,
 against four for log-prob forward + backward (which has to recompute the logits). backward() only
 scales the stored dX, dW by the upstream scalar gradient.
 
@@ -56,10 +59,12 @@ class _FusedHead(torch.autograd.Function):
         logp_all = torch.zeros(n, device=x.device, dtype=torch.float32)
         ent_all = torch.zeros_like(logp_all)
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
-        work = torch.empty(min(chunk_rows, max(n, 1)), V, device=x.device, dtype=x.dtype)  # the one chunk
+        rows = min(chunk_rows, max(n, 1))                     # the one chunk: fp32 logits, dlogits in x's dtype
+        zbuf = torch.empty(rows, V, device=x.device, dtype=torch.float32)
+        work = zbuf if x.dtype == torch.float32 else torch.empty(rows, V, device=x.device, dtype=x.dtype)
         for i in range(0, n, chunk_rows):
             j = min(i + chunk_rows, n)
-            z = work[:j - i]
+            z = zbuf[:j - i]
             logp, ent, lse, mu = row_stats(x[i:j], W, targets[i:j], temperature, ignore_index, tiles, z_out=z)
             # per-token loss and d loss / d logp: elementwise on (chunk,) vectors, so autograd here is
             # exact and cheap, and follows the trainer's own formula (clamps, tie rules) by construction
@@ -70,7 +75,7 @@ class _FusedHead(torch.autograd.Function):
             valid = targets[i:j] != ignore_index
             loss += torch.where(valid, l.detach(), 0.0).sum()
             g = torch.where(valid, g, 0.0).float().contiguous()
-            dz = dlogits(x[i:j], W, targets[i:j], lse, mu, g, None, temperature, tiles, z, from_z=True)
+            dz = dlogits(x[i:j], W, targets[i:j], lse, mu, g, None, temperature, tiles, work[:j - i], z=z)
             chunk_matmuls(dz, x, W, dX, dW, i, j)
             logp_all[i:j], ent_all[i:j] = logp, ent
         ctx.save_for_backward(dX, dW.to(W.dtype))

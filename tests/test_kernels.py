@@ -25,7 +25,7 @@ import kernels  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
 from kernels.advantage import group_advantages_reference, group_advantages_triton  # noqa: E402
-from kernels.logprob import Tiles, fused_logprob, logprob_reference  # noqa: E402
+from kernels.logprob import Tiles, dlogits, fused_logprob, logprob_reference, row_stats  # noqa: E402
 from kernels.loss_head import fused_loss_head, loss_head_reference  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -116,6 +116,39 @@ def test_grad_and_nograd_passes_are_bitwise_equal():
     xh = x.clone().requires_grad_()
     fused_logprob(xh, W, y, 0.7, chunk_rows=16).sum().backward()
     close(xg.grad, xh.grad, 1e-6)
+
+
+def test_compiled_variants_do_not_depend_on_the_row_count(monkeypatch):
+    """On a GPU each distinct value of a constexpr argument is a compilation of its own (seconds), and
+    the number of rows (B x completion length) changes with every GRPO batch: the constexpr arguments
+    of every launch of the two logits kernels are the same for 37 rows as for 130 (forward + backward)."""
+    import inspect
+
+    import triton.language as tl
+
+    import kernels.logprob as L
+    launches = []
+
+    class Spy:
+        def __init__(self, kernel):
+            fn = getattr(kernel, "fn", kernel)
+            self.kernel = kernel
+            self.const = {k for k, p in inspect.signature(fn).parameters.items() if p.annotation is tl.constexpr}
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append({k: v for k, v in kw.items() if k in self.const})
+                return self.kernel[grid](*args, **kw)
+            return launch
+    for name in ("_stats_kernel", "_dlogits_kernel"):
+        monkeypatch.setattr(L, name, Spy(getattr(L, name)))
+    keys = []
+    for N in (37, 130):
+        x, W, y, g1, g2 = problem(N, 64, 1000, seed=N)
+        launches.clear()
+        run(fused_logprob, x, W, y, g1, g2, 0.7, torch.float32)
+        keys.append(list(launches))
+    assert len(keys[0]) == 2 and keys[0] == keys[1]
 
 
 def test_model_logprobs_use_the_kernel_when_active(monkeypatch):
@@ -273,6 +306,32 @@ def test_loss_head_float64_reference_and_logp_bitwise():
         assert torch.equal(fused_logprob(hf.view(-1, 80), Wf, y.to(DEV).view(-1), 0.7).view(3, 37), lp1)
 
 
+def test_dlogits_from_stored_fp32_logits_rounded_once_into_bf16():
+    """The fused head's bf16 path: the statistics kernel stores the chunk's logits in fp32, dlogits reads
+    them and writes into a separate bf16 workspace, rounding once: within one bf16 ulp (2^-7 relative;
+    the interpreter truncates, a GPU rounds to nearest) of the fp32 gradient, which is the float64 one,
+    the small g (1 - p) / T of confident targets included. The fp32 path overwrites the logits in place.
+    Logits stored in bf16 are refused: p = exp(z_bf16 - lse_fp32) rows would not sum to 1."""
+    x, W, y, g, _ = problem(37, 64, 1003, seed=9, ignored=0.2)
+    W, T = W * 4, 0.7                                        # logits up to ~40: peaked distributions
+    u = x @ W.T                                              # float64 reference logits
+    y[:12] = u[:12].argmax(1)                                # confident targets
+    p = torch.softmax(u / T, -1)
+    assert (p[torch.arange(12), y[:12]] > 0.9).sum() >= 3
+    g = torch.where(y != -100, g, 0.0)
+    ref = g[:, None] * (torch.nn.functional.one_hot(y.clamp(min=0), 1003) - p) / T    # d sum(g log p) / d u
+    xs, Ws, ys, gs, tiles = x.float().to(DEV), W.float().to(DEV), y.to(DEV), g.float().to(DEV), Tiles()
+    z = torch.empty(37, 1003, device=DEV)
+    _, _, lse, mu = row_stats(xs, Ws, ys, T, -100, tiles, z_out=z)
+    half = torch.full((37, 1003), float("nan"), device=DEV, dtype=torch.bfloat16)
+    dlogits(xs, Ws, ys, lse, mu, gs, None, T, tiles, half, z=z)
+    with pytest.raises(ValueError, match="float32"):
+        dlogits(xs, Ws, ys, lse, mu, gs, None, T, tiles, half, z=z.bfloat16())
+    full = dlogits(xs, Ws, ys, lse, mu, gs, None, T, tiles, z, z=z)           # in place
+    close(full.double().cpu(), ref, name="fp32 dlogits")
+    assert ((half.float() - full).abs() <= full.abs() * 2 ** -7).all()
+
+
 # -----------------------------------------------------------------------------
 # GPU only: bf16 accuracy (Cut-Cross-Entropy's criterion) and int64 offsets
 
@@ -288,8 +347,31 @@ def test_bf16_error_no_worse_than_pytorch_bf16():
 
 
 @gpu
+def test_loss_head_bf16_error_no_worse_than_pytorch_bf16():
+    """The fused loss head in bf16 (a weighted NLL), same criterion, for dX and dW. Peaked distributions
+    (|logit| up to ~40 at T = 0.7): the regime where the head's stored logits must stay fp32."""
+    x, W, y, g, _ = problem(2048, 896, 32003, seed=6)
+    gd = g.float().to(DEV)
+    per_token = lambda lp, rows: -lp * gd[rows].to(lp.dtype)
+    reduce = lambda lt: lt.sum()
+
+    def grads(fn, dtype):
+        h = x.view(4, 512, 896).to(DEV, dtype).requires_grad_()
+        Wd = W.to(DEV, dtype).requires_grad_()
+        fn(h, Wd, y.view(4, 512).to(DEV), per_token, reduce, 0.7)[0].backward()
+        return [t.detach().double().cpu() for t in (h.grad, Wd.grad)]
+    gt = grads(loss_head_reference, torch.float32)
+    ref = grads(loss_head_reference, torch.bfloat16)
+    ours = grads(fused_loss_head, torch.bfloat16)
+    for name, o, r, t in zip(("dX", "dW"), ours, ref, gt):
+        assert ((o - t).abs() <= (r - t).abs() + 1e-2).all(), name
+
+
+@gpu
 def test_int64_offsets_beyond_2_pow_31():
-    """N * V > 2^31 (Qwen2.5-0.5B vocabulary, 16384 rows): rows near the end are right."""
+    """N * V > 2^31 (Qwen2.5-0.5B vocabulary, 16384 rows), and one chunk of all N rows, so the (chunk, V)
+    logits / dlogits workspaces of the backward and of the loss head have more than 2^31 elements: rows
+    near the end are right (log p, dX), in fused_logprob and in the fused loss head."""
     N, H, V = 16384, 128, 151936
     g = torch.Generator(device="cuda").manual_seed(7)
     x = torch.randn(N, H, device="cuda", generator=g).bfloat16()
@@ -301,6 +383,17 @@ def test_int64_offsets_beyond_2_pow_31():
         tail = logprob_reference(x[-64:].float(), W.float(), y[-64:])
     assert N * V > 2 ** 31 and lp.isfinite().all()
     close(lp[-64:], tail, 2e-2)
+    xr = x[-64:].float().requires_grad_()
+    logprob_reference(xr, W.float(), y[-64:]).sum().backward()
+    xg = x.clone().requires_grad_()
+    fused_logprob(xg, W, y, chunk_rows=N).sum().backward()
+    close(xg.grad[-64:].float(), xr.grad, 2e-2, "fused_logprob dX")
+    xh = x.clone().requires_grad_()
+    loss, lph, _ = fused_loss_head(xh.view(1, N, H), W, y.view(1, N), lambda lp, rows: lp, lambda lt: lt.sum(),
+                                   chunk_rows=N)
+    loss.backward()
+    assert torch.equal(lph.view(-1), lp)
+    close(xh.grad[-64:].float(), xr.grad, 2e-2, "loss head dX")
 
 
 @pytest.mark.skipif(CUDA, reason="CPU run under the interpreter (on a GPU the trainers load bf16 models)")

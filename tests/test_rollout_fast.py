@@ -157,6 +157,42 @@ def test_decode_step_is_capturable_no_host_read():
             dec.decode_step()                                           # raises on any host read
 
 
+def test_failed_capture_falls_back_to_eager_static(monkeypatch):
+    """The graph engine's fallback, run on the CPU with torch.cuda's stream and graph calls faked: a
+    capture whose capture_end raises (what a host sync inside the step leads to) is caught with a
+    warning, the decoder reruns from the prefill eagerly (the warm-up steps had advanced its state) and
+    gives generate's tokens, and the stream that was current before the capture is current again
+    (torch.cuda.graph skips restoring it when capture_end raises)."""
+    import contextlib
+    m, tok = varied_model()
+    prompts = [chat(tok, t) for t in PROMPTS]
+    _, ref = hf_greedy(m, tok, prompts, 20)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+    default = Stream()
+    current = [default]
+
+    @contextlib.contextmanager
+    def failing_graph(graph):
+        current[0] = Stream()                    # the capture stream, made current on entry
+        yield
+        raise RuntimeError("operation failed due to a previous error during capture")
+    for name, fake in [("device", lambda d: contextlib.nullcontext()), ("Stream", Stream),
+                       ("stream", lambda s: contextlib.nullcontext()), ("current_stream", lambda: current[0]),
+                       ("set_stream", lambda s: current.__setitem__(0, s)), ("CUDAGraph", object),
+                       ("graph", failing_graph)]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    pad = tok.pad_token_id
+    dec = rollout.StaticDecoder(m, 5, 19, 20, rollout.Sampling(greedy=True), tok.eos_token_id, pad, pad,
+                                use_graph=True)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        completion, _ = dec.run(*rollout.left_pad(prompts, pad, "cpu"))
+    assert torch.equal(completion, ref)
+    assert dec.graph is None and not dec.use_graph and current[0] is default
+
+
 # -----------------------------------------------------------------------------
 # sampling
 
