@@ -488,13 +488,7 @@ def main(cfg):
     bar.close()
     summary = {}
     if held:
-        acc1, _ = evaluate()
-        before = history[0]["held_out_accuracy"]
-        summary = {"held_out_accuracy_before": before, "held_out_accuracy_after": acc1, "n": len(held),
-                   "history": history, "rounds": rounds_log}
-        print(f"\nheld-out greedy accuracy on {len(held)} {cfg.task} problems: "
-              f"before DPO {before:.3f} -> after DPO {acc1:.3f} ({'+' if acc1 >= before else ''}"
-              f"{100 * (acc1 - before):.1f} points)")
+        summary = {**sft.before_after(history, evaluate()[0], len(held), cfg.task, "DPO"), "rounds": rounds_log}
     if cycle is not None:
         checkpoint()
     if dist.is_main():

@@ -572,13 +572,7 @@ def main(cfg):
     bar.close()
     summary = {}
     if held:
-        acc1, _ = evaluate()
-        before = history[0]["held_out_accuracy"]
-        summary = {"held_out_accuracy_before": before, "held_out_accuracy_after": acc1, "n": len(held),
-                   "history": history}
-        print(f"\nheld-out greedy accuracy on {len(held)} {cfg.task} problems: "
-              f"before GRPO {before:.3f} -> after GRPO {acc1:.3f} ({'+' if acc1 >= before else ''}"
-              f"{100 * (acc1 - before):.1f} points)")
+        summary = sft.before_after(history, evaluate()[0], len(held), cfg.task, "GRPO")
     checkpoint()
     if dist.is_main():
         with open(os.path.join(cfg.out, "result.json"), "w") as f:

@@ -151,6 +151,15 @@ def evaluate(model, tok, problems, max_new_tokens, batch_size=250):
     return sum(acc) / max(len(acc), 1), completions
 
 
+def before_after(history, after, n, task, algo):
+    """grpo.py's and dpo.py's closing line and result.json: held-out accuracy at their step 0
+    (history[0]) and at the end."""
+    before = history[0]["held_out_accuracy"]
+    print(f"\nheld-out greedy accuracy on {n} {task} problems: before {algo} {before:.3f} -> after {algo} "
+          f"{after:.3f} ({'+' if after >= before else ''}{100 * (after - before):.1f} points)")
+    return {"held_out_accuracy_before": before, "held_out_accuracy_after": after, "n": n, "history": history}
+
+
 def cosine_lr(step, warmup, total):
     if step < warmup:
         return (step + 1) / warmup
