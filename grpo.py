@@ -70,7 +70,7 @@ class GRPOConfig:
     data: str = ""                 # JSONL with "prompt" + columns for the reward functions; empty = --task
     task: str = "add"              # built-in task (rewards.TASKS)
     out: str = "runs/grpo"
-    steps: int = 100
+    steps: int = 50
     num_prompts: int = 32          # prompts per step
     num_generations: int = 8       # G, completions per prompt
     max_new_tokens: int = 48
@@ -101,9 +101,9 @@ class GRPOConfig:
     overlong_cache: int = 0        # > 0: add DAPO's soft overlong punishment over the last N tokens
     micro_batch: int = 128         # sequences per forward/backward (gradients accumulate)
     eval_n: int = 500              # held-out problems, greedy, before/after (built-in task only)
-    eval_every: int = 25           # also every N steps, for the learning curve (0 = only before/after)
-    sample_every: int = 25         # print and log a few completions every N steps
-    save_every: int = 50
+    eval_every: int = 10           # also every N steps, for the learning curve (0 = only before/after)
+    sample_every: int = 10         # print and log a few completions every N steps
+    save_every: int = 25
     resume: bool = False
     device: str = "cpu"
     seed: int = 0

@@ -47,15 +47,23 @@ class Problem:
 # -----------------------------------------------------------------------------
 # Tasks
 
-def make_addition(rng, digits=3):
-    a, b = (rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in range(2))
-    steps, carry = [], 0
-    for da, db in zip(reversed(str(a)), reversed(str(b))):  # right to left, one column per step
+def addition_trace(a, b, slip=False):
+    """The column-by-column scratchpad of a + b in R1 format. slip=True writes what a careless teacher
+    writes: the carry out of the units column is forgotten (so the answer is wrong, but the trace is
+    consistent with itself); a problem without that carry is unaffected."""
+    steps, carry, total = [], 0, 0
+    for k, (da, db) in enumerate(zip(reversed(str(a)), reversed(str(b)))):  # right to left, one column per step
         s = int(da) + int(db) + carry
         steps.append(f"{da}+{db}+{carry}={s}" if carry else f"{da}+{db}={s}")
-        carry = s // 10
-    answer = str(a + b)
-    return Problem(f"{a}+{b}", answer, f"<think>{','.join(steps)}</think><answer>{answer}</answer>")
+        total += (s % 10) * 10 ** k
+        carry = 0 if slip and k == 0 else s // 10
+    total += carry * 10 ** len(steps)
+    return f"<think>{','.join(steps)}</think><answer>{total}</answer>"
+
+
+def make_addition(rng, digits=3):
+    a, b = (rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in range(2))
+    return Problem(f"{a}+{b}", str(a + b), addition_trace(a, b))
 
 
 def make_countdown(rng, count=3):

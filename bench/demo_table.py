@@ -1,20 +1,27 @@
-"""The README's results table: base vs GRPO-only vs cold-start SFT vs SFT -> GRPO vs SFT -> DPO,
-several seeds, greedy accuracy on the same 500 held-out problems. Runs the default commands once per seed:
+"""The README's results table: base vs GRPO-only vs cold-start SFT vs SFT -> GRPO vs SFT -> DPO, over
+seeds 0-4 x --threads 1 and 2 (10 runs of each row), greedy accuracy on the same 500 held-out problems.
+Each run is the README's default command with only the seed, the thread count and the directories set:
 
-    python sft.py  --seed S --out runs/demo/sft-sS
-    python grpo.py --seed S --init runs/demo/sft-sS --out runs/demo/grpo-sS     # = python grpo.py
-    python grpo.py --seed S --init scratch          --out runs/demo/scratch-sS  # no cold start
-    python dpo.py  --seed S --init runs/demo/sft-sS --out runs/demo/dpo-sS      # = python dpo.py
+    python sft.py  --seed S --threads T --out runs/demo/sft-sS-tT
+    python grpo.py --seed S --threads T --init runs/demo/sft-sS-tT --out runs/demo/grpo-sS-tT   # = python grpo.py
+    python grpo.py --seed S --threads T --init scratch --out runs/demo/scratch-sS-tT            # no cold start
+    python dpo.py  --seed S --threads T --init runs/demo/sft-sS-tT --out runs/demo/dpo-sS-tT    # = python dpo.py
 
-then prints the table (mean ± sample std over seeds) and draws docs/grpo_curve.svg (reward and
-held-out accuracy over GRPO steps). Usage: python bench/demo_table.py [--seeds 0 1 2] [--jobs 2] [--threads 1]
-Any extra arguments after -- go to every grpo.py call."""
+(`python grpo.py` alone runs the same sft.py into runs/sft first.) Runs at one thread go two at a time,
+runs at two threads one at a time, so a 2-core machine is never oversubscribed. Then prints the table
+(mean ± sample std over the runs, and every run's value), the wall time of each command, and draws
+docs/grpo_curve.svg (reward and held-out accuracy over GRPO steps).
+
+    python bench/demo_table.py                      # seeds 0-4 x threads 1, 2 (about an hour on 2 cores)
+    python bench/demo_table.py --seeds 0 --threads 2 --report-only
+"""
 import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,18 +29,29 @@ OUT = os.path.join(ROOT, "runs", "demo")
 
 
 def run(args, threads):
+    """One command, its output in runs/demo/NAME.log; returns its wall time in seconds."""
     cmd = [sys.executable, *args, "--threads", str(threads)]
-    log = os.path.join(OUT, os.path.basename(args[args.index("--out") + 1]) + ".log")
-    with open(log, "w") as f:
+    name = os.path.basename(args[args.index("--out") + 1])
+    t0 = time.time()
+    with open(os.path.join(OUT, name + ".log"), "w") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = time.time() - t0
+    with open(os.path.join(OUT, name, "wall_time.json"), "w") as f:
+        json.dump({"command": " ".join(cmd[1:]), "wall_s": wall}, f)
+    return wall
+
+
+def tag(seed, threads):
+    return f"s{seed}-t{threads}"
 
 
 def seed_runs(seed, threads, extra):
-    sft, grpo, scratch, dpo = (os.path.join(OUT, f"{k}-s{seed}") for k in ("sft", "grpo", "scratch", "dpo"))
-    run(["sft.py", "--seed", str(seed), "--out", sft], threads)
-    run(["grpo.py", "--seed", str(seed), "--init", sft, "--out", grpo, *extra], threads)
-    run(["grpo.py", "--seed", str(seed), "--init", "scratch", "--out", scratch, *extra], threads)
-    run(["dpo.py", "--seed", str(seed), "--init", sft, "--out", dpo], threads)
+    sft, grpo, scratch, dpo = (os.path.join(OUT, f"{k}-{tag(seed, threads)}") for k in ("sft", "grpo", "scratch", "dpo"))
+    s = ["--seed", str(seed)]
+    run(["sft.py", *s, "--out", sft], threads)
+    run(["grpo.py", *s, "--init", sft, "--out", grpo, *extra], threads)
+    run(["grpo.py", *s, "--init", "scratch", "--out", scratch, *extra], threads)
+    run(["dpo.py", *s, "--init", sft, "--out", dpo], threads)
 
 
 def read(path, name):
@@ -73,47 +91,64 @@ def svg_curve(series, path, width=640, height=300):
         f.write("\n".join(out))
 
 
+def wall(path):
+    with open(os.path.join(path, "wall_time.json")) as f:
+        return json.load(f)["wall_s"]
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (default: 2 // jobs)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per run")
+    ap.add_argument("--cores", type=int, default=2, help="runs in parallel = cores // threads")
     ap.add_argument("--report-only", action="store_true", help="only read finished runs")
     a, extra = ap.parse_known_args()
     extra = [x for x in extra if x != "--"]
     os.makedirs(OUT, exist_ok=True)
+    runs = [(s, t) for t in a.threads for s in a.seeds]
     if not a.report_only:
-        threads = a.threads or max(1, 2 // a.jobs)
-        with ThreadPoolExecutor(a.jobs) as ex:
-            list(ex.map(lambda s: seed_runs(s, threads, extra), a.seeds))
-    base, scratch, scratch_zero, sft, rl, dpo = [], [], [], [], [], []
-    for s in a.seeds:
-        g, z = read(os.path.join(OUT, f"grpo-s{s}"), "result.json"), read(os.path.join(OUT, f"scratch-s{s}"), "result.json")
+        for t in a.threads:
+            with ThreadPoolExecutor(max(1, a.cores // t)) as ex:
+                list(ex.map(lambda s: seed_runs(s, t, extra), a.seeds))
+    base, scratch, scratch_zero, sft, rl, dpo, times = [], [], [], [], [], [], {}
+    for s, t in runs:
+        d = lambda k: os.path.join(OUT, f"{k}-{tag(s, t)}")
+        g, z = read(d("grpo"), "result.json"), read(d("scratch"), "result.json")
         base.append(z["held_out_accuracy_before"])
         scratch.append(z["held_out_accuracy_after"])
-        scratch_zero.append(statistics.mean(m["frac_reward_zero_std"] for m in read(os.path.join(OUT, f"scratch-s{s}"), "metrics.jsonl")))
+        scratch_zero.append(statistics.mean(m["frac_reward_zero_std"] for m in read(d("scratch"), "metrics.jsonl")))
         sft.append(g["held_out_accuracy_before"])
         rl.append(g["held_out_accuracy_after"])
-        dpo.append(read(os.path.join(OUT, f"dpo-s{s}"), "result.json")["held_out_accuracy_after"])
-    n = len(a.seeds)
-    print(f"| run | held-out accuracy, % (mean ± std over {n} seeds) |\n|---|---|")
-    print(f"| base (untrained) | {fmt(base)} |")
-    print(f"| GRPO only, no cold start (`--init scratch`) | {fmt(scratch)} (frac_reward_zero_std {fmt(scratch_zero, False)}) |")
-    print(f"| cold-start SFT only | {fmt(sft)} |")
-    print(f"| cold-start SFT → GRPO (the default) | {fmt(rl)} |")
-    print(f"| cold-start SFT → DPO | {fmt(dpo)} |")
-    print(f"\nper seed: sft {sft}\n          sft->grpo {rl}\n          sft->dpo {dpo}")
-    print(f"gain grpo {[round(b - a_, 3) for a_, b in zip(sft, rl)]}\ngain dpo {[round(b - a_, 3) for a_, b in zip(sft, dpo)]}")
-    colors = ["#1f77b4", "#d62728", "#2ca02c"]
+        dpo.append(read(d("dpo"), "result.json")["held_out_accuracy_after"])
+        for k in ("sft", "grpo", "scratch", "dpo"):
+            times.setdefault((k, t), []).append(wall(d(k)))
+    n = len(runs)
+    each = lambda xs: ", ".join(f"{100 * x:.1f}" for x in xs)
+    print(f"runs: {', '.join(tag(s, t) for s, t in runs)}\n")
+    print(f"| run | held-out accuracy, % (mean ± std over {n} runs) | every run |\n|---|---|---|")
+    print(f"| base (untrained tiny model) | {fmt(base)} | {each(base)} |")
+    print(f"| GRPO only, no cold start (`python grpo.py --init scratch`) | {fmt(scratch)}; `frac_reward_zero_std` "
+          f"{fmt(scratch_zero, False)} | {each(scratch)} |")
+    print(f"| cold-start SFT only (`python sft.py`) | {fmt(sft)} | {each(sft)} |")
+    print(f"| cold-start SFT → GRPO (`python grpo.py`, the default) | **{fmt(rl)}** | {each(rl)} |")
+    print(f"| cold-start SFT → DPO (`python dpo.py`) | {fmt(dpo)} | {each(dpo)} |")
+    gain = lambda xs: [round(100 * (b - a_), 1) for a_, b in zip(sft, xs)]
+    print(f"\ngain over its own SFT, points: grpo {gain(rl)} (min {min(gain(rl))})\n"
+          f"                                dpo  {gain(dpo)} (min {min(gain(dpo))})")
+    print("\nwall time per command, seconds (median, min-max):")
+    for (k, t), xs in sorted(times.items()):
+        print(f"  {k:8s} --threads {t}: {statistics.median(xs):6.1f} ({min(xs):.1f}-{max(xs):.1f})")
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     series = []
-    for i, s in enumerate(a.seeds[:3]):
-        m = read(os.path.join(OUT, f"grpo-s{s}"), "metrics.jsonl")
-        w = 10  # moving average of the training reward (accuracy part), noisy per step
+    for i, (s, t) in enumerate(runs[:3]):
+        m = read(os.path.join(OUT, f"grpo-{tag(s, t)}"), "metrics.jsonl")
+        w = 5  # moving average of the training reward (accuracy part), noisy per step
         acc = [x["rewards/accuracy/mean"] for x in m]
         smooth = [(j + 1, statistics.mean(acc[max(0, j - w + 1):j + 1])) for j in range(len(acc))]
-        hist = read(os.path.join(OUT, f"grpo-s{s}"), "result.json")["history"]
-        series.append((f"seed {s}: training accuracy reward (T=1, moving avg {w})", colors[i % 3], smooth, False))
-        series.append((f"seed {s}: held-out greedy accuracy", colors[i % 3], [(h["step"], h["held_out_accuracy"]) for h in hist], True))
+        hist = read(os.path.join(OUT, f"grpo-{tag(s, t)}"), "result.json")["history"]
+        series.append((f"{tag(s, t)}: training accuracy reward (T=1, moving avg {w})", colors[i % 5], smooth, False))
+        series.append((f"{tag(s, t)}: held-out greedy accuracy", colors[i % 5],
+                       [(h["step"], h["held_out_accuracy"]) for h in hist], True))
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     svg_curve(series, os.path.join(ROOT, "docs", "grpo_curve.svg"))
     print("plot: docs/grpo_curve.svg")
