@@ -457,6 +457,9 @@ def main(cfg):
             acc["loss"] += float(losses.detach().sum()) / B
             acc["rewards/chosen"] += float(rw_c.sum()) / B
             acc["rewards/rejected"] += float(rw_r.sum()) / B
+            # TRL's convention: strictly chosen reward > rejected reward; a tie counts as not accurate. At
+            # policy == reference (a round's first step) both rewards are rounding noise around 0 (this pass
+            # can batch and pad the pairs otherwise than the reference pass did): that value is noise too.
             acc["rewards/accuracies"] += float((rw_c > rw_r).float().sum()) / B
             acc["logps/chosen"] += float(pi[:b].detach().sum()) / B
             acc["logps/rejected"] += float(pi[b:].detach().sum()) / B

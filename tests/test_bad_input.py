@@ -10,6 +10,7 @@ import dpo
 import grpo
 import model as M
 import sft
+from conftest import TEST_THREADS
 
 U = lambda s: {"role": "user", "content": s}
 A = lambda s: {"role": "assistant", "content": s}
@@ -20,14 +21,14 @@ GOOD = {"sft": {"prompt": "1+2=", "completion": "3"},
 
 def config(script, data, out, **kw):
     if script == "sft":
-        return sft.main, sft.SFTConfig(**{**dict(data=data, out=out, steps=2, batch_size=2, eval_n=0, threads=1,
-                                                 warmup=1, save_every=1), **kw})
+        return sft.main, sft.SFTConfig(**{**dict(data=data, out=out, steps=2, batch_size=2, eval_n=0,
+                                                 threads=TEST_THREADS, warmup=1, save_every=1), **kw})
     if script == "grpo":
         return grpo.main, grpo.GRPOConfig(**{**dict(init="scratch", data=data, out=out, steps=2, num_prompts=2,
                                                     num_generations=2, max_new_tokens=4, eval_n=0, eval_every=0,
-                                                    sample_every=0, save_every=1, threads=1), **kw})
+                                                    sample_every=0, save_every=1, threads=TEST_THREADS), **kw})
     return dpo.main, dpo.DPOConfig(**{**dict(data=data, out=out, steps=2, batch_size=2, micro_batch=2, eval_n=0,
-                                             threads=1, warmup=1, save_every=1), **kw})
+                                             threads=TEST_THREADS, warmup=1, save_every=1), **kw})
 
 
 def write(path, rows):

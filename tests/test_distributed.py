@@ -19,6 +19,7 @@ import dpo
 import grpo
 import rollout
 import sft
+from conftest import FP32_RTOL
 
 TOY = "toy_rewards:digit_fraction"
 
@@ -96,6 +97,8 @@ def check_sharded_generate(rank):
         with dist.gathered(sharded):
             got = rollout.generate(sharded, tok, prompts, n, greedy=True, engine=dist.rollout_engine(sharded))
         want = rollout.generate(whole, tok, prompts, n, greedy=True)
+        # bitwise by construction: gathered, the shards are the whole model's tensors exactly (copies),
+        # and both decode with the same code on the same shapes in this process
         assert torch.equal(got.completion_ids, want.completion_ids)
 
 
@@ -119,10 +122,27 @@ def metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+# Threads: every process here runs one thread (threads=1 in the configs, set in _worker too), whatever
+# TEST_THREADS says: the two workers already use both cores of a 2-core machine, and the one-process
+# reference runs with one thread as well.
 RUNS = (("grpo", "metrics.jsonl", ("loss", "reward", "reward_std", "entropy", "kl", "ratio", "grad_norm",
                                     "completions/mean_length")),
         ("sft", "sft_metrics.jsonl", ("loss", "grad_norm")),
         ("dpo", "metrics.jsonl", ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm")))
+
+
+def compared(keys, step):
+    """The metrics compared at a step. rewards/accuracies is a per-pair sign decision: at step 1 (policy ==
+    reference) it is the sign of h = 0 up to rounding, so it is compared from step 2 on only, where every
+    pair's margin is far from 0 (tests/test_dpo.py tests the decision itself on exact inputs)."""
+    return [k for k in keys if not (k == "rewards/accuracies" and step == 1)]
+
+
+# 1 vs 2 processes: the same sums in other orders (per-rank partial sums, the all-reduce, other
+# micro-batches): relative FP32_RTOL (tests/conftest.py); abs for values at or near 0. Seen: <= 3% of
+# rel 1e-5.
+def same_metric(x, y):
+    return y == pytest.approx(x, rel=FP32_RTOL, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +167,8 @@ def test_two_processes_equal_one(tmp_path, one_process):
         assert [m["step"] for m in b] == [1, 2, 3]             # rank 0 alone wrote the log
         for x, y in zip(a, b):
             assert x["num_tokens"] == y["num_tokens"]          # the same global batch
-            for k in keys:
-                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (name, x["step"], k)
+            for k in compared(keys, x["step"]):
+                assert same_metric(x[k], y[k]), (name, x["step"], k)
         wa = load_file(os.path.join(one, name, "model.safetensors"))
         wb = load_file(os.path.join(two, name, "model.safetensors"))
         assert wa.keys() == wb.keys()
@@ -177,8 +197,8 @@ def test_fsdp_two_processes_equal_one(tmp_path, one_process):
         assert [m["step"] for m in b] == [1, 2, 3]
         for x, y in zip(a, b):
             assert x["num_tokens"] == y["num_tokens"]
-            for k in keys:
-                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (name, x["step"], k)
+            for k in compared(keys, x["step"]):
+                assert same_metric(x[k], y[k]), (name, x["step"], k)
         # the checkpoint holds the whole model, loadable as it is; tolerance as in the test above (seen:
         # max |diff| 1.7e-6 of a 6.0e-3 move for GRPO, 2.8e-5 of 7.7e-3 for SFT, 4.2e-6 of 2.6e-3 for DPO)
         wa = load_file(os.path.join(one, name, "model.safetensors"))
@@ -192,7 +212,9 @@ def test_fsdp_two_processes_equal_one(tmp_path, one_process):
     st = grpo.load_state(os.path.join(two, "grpo"))["optimizer"]["state"]
     assert st["model.layers.0.mlp.up_proj.weight"]["exp_avg"].shape == start["model.layers.0.mlp.up_proj.weight"].shape
     # killed after step 2 and resumed under --fsdp (weights, sharded AdamW moments, schedule, data, RNG):
-    # step 3 and the final weights are those of the uninterrupted sharded run, bit for bit
+    # step 3 and the final weights are those of the uninterrupted sharded run, bit for bit (the whole
+    # state restored exactly, then the same code on the same shapes with the same two processes and
+    # threads on this machine: the same operations on the same numbers in the same order)
     a = metrics(os.path.join(two, "grpo", "metrics.jsonl"))
     b = metrics(os.path.join(two, "grpo-resumed", "metrics.jsonl"))
     assert [m["step"] for m in b] == [1, 2, 3]

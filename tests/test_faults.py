@@ -17,6 +17,7 @@ import dpo
 import grpo
 import model as M
 import sft
+from conftest import TEST_THREADS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = "toy_rewards:digit_fraction"   # a dense reward: every step changes the weights
@@ -32,6 +33,10 @@ def weights(out):
 
 
 def same_weights(a, b):
+    # Bitwise, for the kill/resume tests: the resumed run restores the whole state exactly (weights, AdamW
+    # moments, schedule, RNG, data position) and then runs the same code on the same shapes, on this
+    # machine, with the same thread count (cfg.threads, in the child process too) as the uninterrupted
+    # run: the same operations on the same numbers in the same order.
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -64,7 +69,7 @@ def run_and_kill(script, cfg, log_name, kill_after):
     """Start `python script` with cfg's flags, wait until its metrics log has `kill_after` lines (its
     step-k checkpoint is being written or done) and then a random 0-0.2 s more, so the kill lands
     anywhere in a step or a save; SIGKILL it. Returns the steps it logged and the delay."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": str(TEST_THREADS), "MKL_NUM_THREADS": str(TEST_THREADS),
            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     log = os.path.join(cfg.out, log_name)
     with open(os.path.join(os.path.dirname(cfg.out), script + ".stderr"), "w") as err:
@@ -142,7 +147,7 @@ def test_sft_sigkill_then_resume_is_bitwise_identical(tmp_path):
     epoch boundaries (and may start exactly on one). Checkpoint every step; SIGKILL lands wherever
     the third step's checkpoint happens to be, possibly mid-save."""
     a, b = str(tmp_path / "A"), str(tmp_path / "B")
-    kw = dict(steps=10, save_every=1, batch_size=4, num_examples=8, eval_n=0, threads=1, warmup=3)
+    kw = dict(steps=10, save_every=1, batch_size=4, num_examples=8, eval_n=0, threads=TEST_THREADS, warmup=3)
     sft.main(sft.SFTConfig(out=a, **kw))
     logged, delay = run_and_kill("sft.py", sft.SFTConfig(out=b, **kw), "sft_metrics.jsonl", kill_after=3)
     st = M.load_state(b)
@@ -167,7 +172,7 @@ def test_grpo_sigkill_then_resume_is_bitwise_identical(tmp_path):
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("12+3", "4+56", "7+8")))
     a, b = str(tmp_path / "A"), str(tmp_path / "B")
     kw = dict(init="scratch", data=str(data), steps=8, save_every=1, num_prompts=2, num_generations=4,
-              max_new_tokens=8, eval_n=0, eval_every=0, sample_every=1, threads=1, reward_funcs=TOY,
+              max_new_tokens=8, eval_n=0, eval_every=0, sample_every=1, threads=TEST_THREADS, reward_funcs=TOY,
               lr=1e-3, num_iterations=2, beta=0.04)
     grpo.main(grpo.GRPOConfig(out=a, **kw))
     logged, delay = run_and_kill("grpo.py", grpo.GRPOConfig(out=b, **kw), "metrics.jsonl", kill_after=3)
@@ -202,7 +207,8 @@ def nan_on_call(module, n, when=lambda *a, **k: True):
 
 
 def assert_skipped_once(seen, rows, n):
-    """Step n (1-based) had a NaN loss: weights before step n+1 == before step n; later steps move."""
+    """Step n (1-based) had a NaN loss: weights before step n+1 == before step n; later steps move.
+    (Bitwise: a skipped step does no arithmetic on the weights at all.)"""
     same = lambda x, y: all(torch.equal(x[k], y[k]) for k in x)
     assert same(seen[n - 1], seen[n])                 # step n changed nothing
     assert not same(seen[n - 2], seen[n - 1])         # the step before did train
@@ -215,7 +221,7 @@ def test_sft_skips_a_nan_step(tmp_path, monkeypatch):
     out = str(tmp_path / "s")
     wrapped, seen = nan_on_call(sft, 3)
     monkeypatch.setattr(sft, "token_logprobs", wrapped)
-    sft.main(sft.SFTConfig(out=out, steps=5, batch_size=4, num_examples=8, eval_n=0, save_every=0, threads=1,
+    sft.main(sft.SFTConfig(out=out, steps=5, batch_size=4, num_examples=8, eval_n=0, save_every=0, threads=TEST_THREADS,
                            warmup=1))
     assert_skipped_once(seen, metrics(os.path.join(out, "sft_metrics.jsonl")), 3)
     # Adam's state never saw the NaN step: its step count is 4 of 5 and its moments are finite
@@ -228,7 +234,8 @@ def test_grpo_skips_a_nan_step(tmp_path, monkeypatch):
     wrapped, seen = nan_on_call(grpo, 2, when=lambda *a, **k: k.get("entropy", False))  # training passes only
     monkeypatch.setattr(grpo, "token_logprobs", wrapped)
     grpo.main(grpo.GRPOConfig(init="scratch", out=out, steps=4, num_prompts=2, num_generations=4, max_new_tokens=8,
-                              eval_n=0, eval_every=0, sample_every=0, save_every=0, threads=1, reward_funcs=TOY,
+                              eval_n=0, eval_every=0, sample_every=0, save_every=0, threads=TEST_THREADS,
+                              reward_funcs=TOY,
                               lr=1e-3))
     assert_skipped_once(seen, metrics(os.path.join(out, "metrics.jsonl")), 2)
 
@@ -241,7 +248,7 @@ def test_dpo_skips_a_nan_step(tmp_path, monkeypatch):
     wrapped, seen = nan_on_call(dpo, 2, when=lambda *a, **k: torch.is_grad_enabled())   # not the reference pass
     monkeypatch.setattr(dpo, "token_logprobs", wrapped)
     dpo.main(dpo.DPOConfig(data=str(data), out=out, steps=4, batch_size=2, micro_batch=2, eval_n=0, save_every=0,
-                           threads=1, warmup=1, lr=1e-3))
+                           threads=TEST_THREADS, warmup=1, lr=1e-3))
     assert_skipped_once(seen, metrics(os.path.join(out, "metrics.jsonl")), 2)
 
 
@@ -252,7 +259,7 @@ def test_k3_and_log_ratio_are_clamped_as_verl():
     assert torch.isfinite(k3).all()
     assert k3[0] == 10.0 and k3[3] == 10.0                        # exp(100) - 101, 49 -> both clamped
     assert k3[1].item() == pytest.approx(math.exp(2) - 2 - 1)      # inside the bounds: unchanged
-    assert k3[2] == 0.0
+    assert k3[2] == 0.0                                           # exp(0) + 0 - 1: exact
     loss, st = grpo.per_token_loss(torch.tensor([[100.0]]), torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1),
                                    0.2, 0.28)
     assert st["ratio"].item() == pytest.approx(math.exp(20.0), rel=1e-6)

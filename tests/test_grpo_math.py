@@ -55,7 +55,10 @@ def test_group_advantages_scale_none_and_rloo():
 
 
 def test_group_advantages_degenerate_groups():
-    """G = 1, all-equal groups and all-NaN groups give exactly zero advantages."""
+    """G = 1, all-equal groups and all-NaN groups give exactly zero advantages. Exact by construction:
+    G = 1 and NaN rows are zeroed by a where; four equal fp32 values a = 0.7f add up to exactly 4a in
+    either possible order, ((a+a)+a)+a or (a+a)+(a+a) (checked), so the mean is a, every deviation 0
+    and 0 / (0 + eps) = 0, whatever order the CPU's sum kernel uses."""
     assert torch.equal(group_advantages(torch.tensor([1., 0., 3.]), 1, "group"), torch.zeros(3))
     assert torch.equal(group_advantages(torch.tensor([1., 0., 3.]), 1, "none", rloo=True), torch.zeros(3))
     same = torch.tensor([0.7, 0.7, 0.7, 0.7, 1., 0., 1., 0.])
@@ -116,7 +119,9 @@ def test_kl_penalty_hand_values():
 
 def test_k3_non_negative():
     """k3 >= 0 everywhere, 0 only at x = 0 (unlike k1, which is negative for x < 0)."""
-    x = torch.linspace(-10, 10, 2001, dtype=torch.float64)
+    # integers / 100: x[1000] is exactly 0 (linspace's start + i * step may be fused into an FMA and
+    # leave ~2e-16 there, depending on the CPU's vectorized kernel), the others are within 1 ulp of i / 100
+    x = torch.arange(-1000, 1001, dtype=torch.float64) / 100
     k3 = kl_penalty(x, torch.zeros_like(x), "k3")
     assert (k3 >= 0).all()
     assert k3[1000] == 0 and (k3[torch.arange(2001) != 1000] > 0).all()
@@ -246,7 +251,7 @@ def test_on_policy_gradient_is_reinforce_with_baseline():
     N = int(mask.sum())  # 10
     lt, st = per_token_loss(logp, logp.detach(), A, mask, 0.2, 0.28)
     loss = aggregate(lt, mask, "dapo", B, N, C)
-    assert torch.equal(st["ratio"], torch.ones(B, C, dtype=torch.float64))
+    assert torch.equal(st["ratio"], torch.ones(B, C, dtype=torch.float64))   # exp(x - x) = exp(0) = 1, exactly
     assert loss.item() == pytest.approx(-(1.0 * 5 - 0.5 * 2 + 2.0 * 3) / 10)
     (g,) = torch.autograd.grad(loss, logp)
     assert torch.allclose(g, -A[:, None] * mask / N, atol=1e-15, rtol=0)

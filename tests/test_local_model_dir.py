@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import grpo
 import model as M
 import sft
+from conftest import TEST_THREADS, greedy_agreement
 from rollout import generate, left_pad
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
@@ -53,7 +54,8 @@ def test_llama_greedy_rollout_equals_generate(tmp_path):
     ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
     ref = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    assert torch.equal(ref[:, ids.shape[1]:], r.completion_ids[:, :ref.shape[1] - ids.shape[1]])
+    # two implementations of the same logits: token for token, but at a near-tie (tests/conftest.py)
+    greedy_agreement(m, ids, mask, r.completion_ids, ref[:, ids.shape[1]:], tok.pad_token_id)
 
 
 def test_sft_then_grpo_on_a_local_llama_dir_with_jsonl(tmp_path):
@@ -70,12 +72,12 @@ def test_sft_then_grpo_on_a_local_llama_dir_with_jsonl(tmp_path):
                                + "\n" for a in range(20)))
     s_out, g_out = str(tmp_path / "sft"), str(tmp_path / "grpo")
     sft.main(sft.SFTConfig(model=d, data=str(sft_data), out=s_out, steps=80, batch_size=8, lr=3e-3, warmup=2,
-                           eval_n=0, threads=1, save_every=0))
+                           eval_n=0, threads=TEST_THREADS, save_every=0))
     losses = [json.loads(line)["loss"] for line in open(os.path.join(s_out, "sft_metrics.jsonl"))]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     grpo.main(grpo.GRPOConfig(model=d, init=s_out, data=str(rl_data), out=g_out, steps=2, num_prompts=2,
                               num_generations=4, max_new_tokens=8, eval_n=0, sample_every=0, save_every=0,
-                              threads=1, reward_funcs="accuracy", reward_weights="1"))
+                              threads=TEST_THREADS, reward_funcs="accuracy", reward_weights="1"))
     ms = [json.loads(line) for line in open(os.path.join(g_out, "metrics.jsonl"))]
     assert [m["step"] for m in ms] == [1, 2] and "rewards/accuracy/mean" in ms[0]
     for out in (s_out, g_out):

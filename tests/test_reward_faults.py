@@ -11,6 +11,7 @@ import torch
 
 import grpo
 import rewards
+from conftest import TEST_THREADS
 from grpo import group_advantages, score
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "code_problems.jsonl")
@@ -59,7 +60,7 @@ def test_only_the_sample_that_makes_a_function_raise_abstains(capsys):
     abstains for it (NaN) and still gets length's reward. Totals: weights 1 and 0.5."""
     per_fn, total = run_score([length, raises_on_boom], ["ab", "boom", "c"], weights=[1.0, 0.5])
     assert nan_equal(per_fn, torch.tensor([[2., 1.], [4., math.nan], [1., 1.]]))
-    assert torch.equal(total, torch.tensor([2.5, 4.0, 1.5]))
+    assert torch.equal(total, torch.tensor([2.5, 4.0, 1.5]))     # dyadic values: sums exact in any order
     err = capsys.readouterr().err
     assert "reward function raises_on_boom raised" in err and "RuntimeError: boom" in err
 
@@ -68,7 +69,7 @@ def test_non_numbers_and_non_finite_values_abstain():
     """None (by choice), NaN, +-inf and a string all become NaN; 2 stays 2."""
     per_fn, total = run_score([junk, length], ["a"] * 6, weights=[1.0, 1.0])
     assert nan_equal(per_fn[:, 0], torch.tensor([math.nan] * 5 + [2.0]))
-    assert torch.equal(total, torch.tensor([1., 1., 1., 1., 1., 3.]))
+    assert torch.equal(total, torch.tensor([1., 1., 1., 1., 1., 3.]))   # small integers: exact
 
 
 def test_wrong_length_and_always_raising_abstain_everywhere(capsys):
@@ -99,7 +100,7 @@ def test_a_group_with_no_scorable_sample_gets_zero_advantage():
     adv = group_advantages(total, 4, "group")
     a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
     assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0., 0., 0., 0.]))
-    for scale in ("group", "batch", "none"):
+    for scale in ("group", "batch", "none"):  # a NaN group is zeroed by a where: exact
         assert torch.equal(group_advantages(total, 4, scale)[4:], torch.zeros(4))
 
 
@@ -134,7 +135,7 @@ def test_code_reward_through_score_on_the_example_problems():
     per_fn, total = run_score([code_reward, rewards.format_reward], completions, weights=[1.0, 0.1],
                               tests=[rows[i]["tests"] for i in idx])
     assert per_fn[:, 0].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.0]
-    assert total.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.0]
+    assert total.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.0]      # x + 0.1 * 0 = x: exact
 
 
 def test_grpo_trains_on_with_a_broken_reward_function(tmp_path):
@@ -143,7 +144,7 @@ def test_grpo_trains_on_with_a_broken_reward_function(tmp_path):
     the untrained model writes no code block, so 0), and both steps complete."""
     out = str(tmp_path / "out")
     cfg = grpo.GRPOConfig(init="scratch", data=EXAMPLE, out=out, steps=2, num_prompts=2, num_generations=2,
-                          max_new_tokens=6, eval_n=0, eval_every=0, sample_every=0, save_every=0, threads=1,
+                          max_new_tokens=6, eval_n=0, eval_every=0, sample_every=0, save_every=0, threads=TEST_THREADS,
                           reward_funcs="code,test_reward_faults:always_raises", reward_weights="1,1")
     grpo.main(cfg)
     with open(os.path.join(out, "metrics.jsonl")) as f:
