@@ -1,12 +1,17 @@
 """Cold-start supervised fine-tuning: teach the model the reasoning format on a few worked traces, so
 that RL afterwards has a policy that is sometimes right (DeepSeek-R1 §2.3.1).
 
-    python sft.py                                   # built-in tiny model, addition traces, CPU, ~1 min
+    python sft.py                                   # built-in tiny model, a careless teacher's addition traces, CPU, ~2.5 min
     python sft.py --model PATH --data train.jsonl --device cuda --lr 1e-5 --out runs/sft-qwen
     torchrun --nproc_per_node=8 sft.py ...          # (multi-process: see README)
 
 Data: JSONL rows {"prompt", "completion"} (strings, or lists of role/content messages) or
 {"messages": [...]} (the last message, from the assistant, is the completion).
+
+The built-in cold start (README, Results): 4,000 addition traces from a careless teacher who, where the
+units column carries, forgets that carry in --teacher-slip = 70% of its traces. SFT converges to the
+teacher, mistake included (58.8% held-out: the problems without a units carry); the carry it still
+samples 30% of the time is what GRPO's verifiable reward then amplifies.
 
 Algorithmic choices:
 1. Completion-only loss: prompt tokens are masked out; the model is not trained to write questions.
