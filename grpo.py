@@ -301,8 +301,9 @@ def micro_batch_loss(cfg, model, input_ids, attention_mask, C, adv, mask, old_lo
             return per_token_loss(lp[:, None], old[:, None], A[rows], None, cfg.epsilon_low, cfg.epsilon_high,
                                   "token", None if ref_f is None else ref_f[rows, None], cfg.beta,
                                   cfg.kl_estimator)[0][:, 0]
-        hidden, weight, targets = completion_hidden(model, input_ids, attention_mask, C)
-        loss, logp, ent = fused_loss_head(hidden, weight, targets, per_token, reduce, cfg.temperature)
+        hidden, head, targets = completion_hidden(model, input_ids, attention_mask, C)
+        loss, logp, ent = fused_loss_head(hidden, head.weight, targets, per_token, reduce, cfg.temperature,
+                                          bias=head.bias, scale=head.scale, softcap=head.softcap)
         _, st = per_token_loss(logp, logp if old_logp is None else old_logp, adv, mask, cfg.epsilon_low,
                                cfg.epsilon_high, "token", ref_logp, cfg.beta, cfg.kl_estimator)  # statistics
         return loss, st, ent

@@ -135,8 +135,9 @@ def batch_loss(model, ids, attn, mask):
     states, with the lm_head's gradient formed in the forward (kernels/loss_head.py)."""
     if kernels.active(ids):
         from kernels.loss_head import fused_loss_head
-        hidden, weight, targets = completion_hidden(model, ids, attn, mask.shape[1])
-        return fused_loss_head(hidden, weight, targets, lambda lp, rows: lp, lambda lp: sft_loss(lp, mask))[0]
+        hidden, head, targets = completion_hidden(model, ids, attn, mask.shape[1])
+        return fused_loss_head(hidden, head.weight, targets, lambda lp, rows: lp, lambda lp: sft_loss(lp, mask),
+                               bias=head.bias, scale=head.scale, softcap=head.softcap)[0]
     return sft_loss(token_logprobs(model, ids, attn, mask.shape[1]), mask)          # (B, C) log-probs
 
 

@@ -2,9 +2,15 @@
 
     logp, ent = fused_logprob(x, W, targets, temperature=0.7, entropy=True)
     # x (N, H) bf16/fp32, W (V, H), targets (N,) int64 (ignore_index rows give 0) -> (N,) fp32, (N,) fp32
+    logp = fused_logprob(x, W, targets, bias=b, scale=s, softcap=c)   # the model's own head (below)
 
 z = x @ W.T / T, logp = z[y] - logsumexp(z), entropy = logsumexp(z) - E_p[z]. The naive path writes the
 (N, V) logits (N = 16384, V = 151936: 10 GB in fp32); this one keeps them in registers.
+
+The head is the model's own, kernels.head_logits: z = c * tanh((x @ W.T + b) * s / c) / T (no tanh when
+c = 0: most models; Gemma 2/3 soft-cap at c = 30). Each fp32 tile gets the bias, the scale and the cap
+in registers, and the backward multiplies by their derivative, s * (1 - tanh^2) / T; the bias gradient
+is the column sum of the same dlogits. s and c are compile-time constants (one compilation per model).
 
 Forward: one Triton program per (row block, vocabulary split). It computes a (BLOCK_N, BLOCK_V) tile of
 logits with tl.dot over H, then folds it into per-row online-softmax statistics (running max m,
@@ -32,24 +38,26 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import head_logits
+
 
 # -----------------------------------------------------------------------------
 # Reference: plain PyTorch, chunked over rows. The specification the kernels are tested against.
 
-def logprob_reference(x, W, targets, temperature=1.0, entropy=False, ignore_index=-100, chunk_rows=4096):
+def logprob_reference(x, W, targets, temperature=1.0, entropy=False, ignore_index=-100, chunk_rows=4096,
+                      bias=None, scale=1.0, softcap=0.0):
     """Same contract as fused_logprob, in plain PyTorch (autograd does the backward). Computes in the
     dtype of x upcast to at least fp32 (pass float64 tensors for a float64 reference)."""
-    dt = torch.promote_types(x.dtype, torch.float32)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     logps, ents = [], []
     for i in range(0, x.shape[0], chunk_rows):
-        z = (x[i:i + chunk_rows] @ W.T).to(dt) / temperature             # (n, V)
+        z = head_logits(x[i:i + chunk_rows], W, bias, scale, softcap) / temperature   # (n, V)
         lse = torch.logsumexp(z, -1)
         logps.append(z.gather(-1, safe[i:i + chunk_rows, None])[:, 0] - lse)
         if entropy:
             ents.append(lse - (torch.softmax(z, -1) * z).sum(-1))
-    zero = x.new_zeros(0, dtype=dt)
+    zero = x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))
     logp = torch.where(valid, torch.cat(logps) if logps else zero, 0.0)
     if not entropy:
         return logp
@@ -74,8 +82,31 @@ def _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w
 
 
 @triton.jit
-def _stats_kernel(x_ptr, w_ptr, tgt_ptr, part_ptr, z_ptr, N, V, H, stride_x, stride_w, stride_z, v_per_split,
-                  num_row_blocks, INV_T: tl.constexpr, STORE_Z: tl.constexpr,
+def _tanh(x):
+    # tanh from one exp, (1 - e^-2|x|) / (1 + e^-2|x|) with the sign of x: e^-2|x| <= 1 never overflows
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _head(acc, b_ptr, cols, col_ok, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, CAP: tl.constexpr,
+          INV_T: tl.constexpr):
+    # The model's logits / T from a fp32 tile of x @ W.T (kernels.head_logits): + bias, * scale, soft cap.
+    z = acc
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if SCALE != 1.0:
+        z = z * SCALE
+    if CAP > 0:
+        z = CAP * _tanh(z / CAP)
+    return z * INV_T
+
+
+@triton.jit
+def _stats_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, part_ptr, z_ptr, N, V, H, stride_x, stride_w, stride_z, v_per_split,
+                  num_row_blocks, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, CAP: tl.constexpr,
+                  INV_T: tl.constexpr, STORE_Z: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
     # Program (row block, split). Row blocks vary fastest, so the programs in flight at one time read
     # the same slice of W (it stays in L2 while x, which is small, is re-read). num_row_blocks is a
@@ -96,8 +127,8 @@ def _stats_kernel(x_ptr, w_ptr, tgt_ptr, part_ptr, z_ptr, N, V, H, stride_x, str
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
-        z = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w,
-                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC) * INV_T
+        z = _head(_logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w,
+                               BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC), b_ptr, cols, col_ok, HAS_BIAS, SCALE, CAP, INV_T)
         if STORE_Z:  # the fused loss head keeps the chunk's logits for its gradient pass
             tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :], z.to(z_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
@@ -119,11 +150,13 @@ def _stats_kernel(x_ptr, w_ptr, tgt_ptr, part_ptr, z_ptr, N, V, H, stride_x, str
 
 
 @triton.jit
-def _dlogits_kernel(x_ptr, w_ptr, tgt_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, z_ptr, dz_ptr,
-                    N, V, H, stride_x, stride_w, stride_z, stride_dz,
-                    num_row_blocks, INV_T: tl.constexpr, FROM_Z: tl.constexpr, HAS_GENT: tl.constexpr,
+def _dlogits_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, z_ptr, dz_ptr,
+                    N, V, H, stride_x, stride_w, stride_z, stride_dz, num_row_blocks,
+                    HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, CAP: tl.constexpr, INV_T: tl.constexpr,
+                    FROM_Z: tl.constexpr, HAS_GENT: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
-    # dlogits = [g_lp (onehot - p) - g_ent p (z - mu)] / T for one (BLOCK_N, BLOCK_V) tile, computed in
+    # dlogits = [g_lp (onehot - p) - g_ent p (z - mu)] dz/da for one (BLOCK_N, BLOCK_V) tile, where
+    # a = x @ W.T + b and dz/da = scale (1 - tanh^2) / T (the head's derivative, tanh = z T / cap), computed in
     # fp32 and rounded once when stored (the target's 1 - p is never formed in low precision). FROM_Z:
     # z was stored in fp32 at z_ptr by _stats_kernel (z_ptr may be dz_ptr: overwritten in place);
     # otherwise the tile is recomputed from x and W.
@@ -139,8 +172,8 @@ def _dlogits_kernel(x_ptr, w_ptr, tgt_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, z
     if FROM_Z:
         z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=ok, other=0.0)
     else:
-        z = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w,
-                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC) * INV_T
+        z = _head(_logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w,
+                               BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC), b_ptr, cols, col_ok, HAS_BIAS, SCALE, CAP, INV_T)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)     # 0 on ignored rows (set by the caller)
@@ -150,7 +183,11 @@ def _dlogits_kernel(x_ptr, w_ptr, tgt_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, z
         mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
         ge = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
         d -= ge[:, None] * p * (z - mu[:, None])
-    tl.store(ptrs, (d * INV_T).to(dz_ptr.dtype.element_ty), mask=ok)
+    dz_da = INV_T * SCALE
+    if CAP > 0:
+        t = z * (1.0 / (CAP * INV_T))                        # tanh((x @ W.T + b) * scale / cap)
+        dz_da = dz_da * (1.0 - t * t)
+    tl.store(ptrs, (d * dz_da).to(dz_ptr.dtype.element_ty), mask=ok)
 
 
 # -----------------------------------------------------------------------------
@@ -186,19 +223,34 @@ def _dot_prec(x):
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _check(x, W, targets):
+PLAIN = (None, 1.0, 0.0)   # the head (bias, scale, softcap) of a model whose logits are just x @ W.T
+
+
+def _head_args(head, W, temperature):
+    """The kernels' head arguments: the bias pointer (W's when there is none: never read) and the
+    compile-time flags. Python floats as constexprs: as runtime arguments they could become fp64."""
+    bias, scale, softcap = head
+    return (bias if bias is not None else W), dict(HAS_BIAS=bias is not None, SCALE=float(scale),
+                                                   CAP=float(softcap), INV_T=1.0 / temperature)
+
+
+def _check(x, W, targets, head=PLAIN):
     if x.dim() != 2 or W.dim() != 2 or x.shape[1] != W.shape[1]:
         raise ValueError(f"kernels/logprob.py: x must be (N, H) and W (V, H), "
                          f"got {tuple(x.shape)} and {tuple(W.shape)}")
+    if head[0] is not None and head[0].shape != (W.shape[0],):
+        raise ValueError(f"kernels/logprob.py: the bias must be ({W.shape[0]},), got {tuple(head[0].shape)}")
+    if head[2] < 0:
+        raise ValueError(f"kernels/logprob.py: softcap must be >= 0 (0 = none), got {head[2]}")
     if targets.shape != (x.shape[0],):
         raise ValueError(f"kernels/logprob.py: targets must be ({x.shape[0]},), got {tuple(targets.shape)}")
     if x.dtype != W.dtype:
         raise ValueError(f"kernels/logprob.py: x is {x.dtype} but W is {W.dtype}")
 
 
-def row_stats(x, W, targets, temperature, ignore_index, tiles, z_out=None):
+def row_stats(x, W, targets, temperature, ignore_index, tiles, z_out=None, head=PLAIN):
     """Forward statistics of rows x (n, H): (logp, entropy, lse, mu) each (n,) fp32, where
-    mu = E_p[z]. With z_out (n, V) given, the scaled logits are written there too."""
+    mu = E_p[z]. With z_out (n, V) given, the logits z (the head's, / T) are written there too."""
     n, H = x.shape
     V = W.shape[0]
     if n == 0:
@@ -208,9 +260,10 @@ def row_stats(x, W, targets, temperature, ignore_index, tiles, z_out=None):
     row_blocks = triton.cdiv(n, tiles.block_n)
     part = torch.empty(4, splits, n, device=x.device, dtype=torch.float32)
     z = z_out if z_out is not None else part  # unused pointer when not storing
+    b, head_kw = _head_args(head, W, temperature)
     _stats_kernel[(row_blocks * splits,)](
-        x, W, targets, part, z, n, V, H, x.stride(0), W.stride(0), z.stride(0) if z_out is not None else 0,
-        v_per_split, INV_T=1.0 / temperature, num_row_blocks=row_blocks, STORE_Z=z_out is not None,
+        x, W, b, targets, part, z, n, V, H, x.stride(0), W.stride(0), z.stride(0) if z_out is not None else 0,
+        v_per_split, num_row_blocks=row_blocks, **head_kw, STORE_Z=z_out is not None,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=tiles.block_h, DOT_PREC=_dot_prec(x),
         **_launch_kw(tiles))
     m, s, t, zy = part.unbind(0)                       # each (splits, n)
@@ -225,9 +278,10 @@ def row_stats(x, W, targets, temperature, ignore_index, tiles, z_out=None):
     return logp, ent, lse, mu
 
 
-def dlogits(x, W, targets, lse, mu, g_lp, g_ent, temperature, tiles, out, z=None):
-    """Write the (n, V) gradient of sum(g_lp * logp + g_ent * entropy) w.r.t. the unscaled logits
-    x @ W.T into out (in out's dtype). z: the (n, V) logits stored by row_stats(z_out=), fp32 (it may
+def dlogits(x, W, targets, lse, mu, g_lp, g_ent, temperature, tiles, out, z=None, head=PLAIN):
+    """Write the (n, V) gradient of sum(g_lp * logp + g_ent * entropy) w.r.t. the raw logits
+    x @ W.T + bias (before scale, cap and temperature) into out (in out's dtype): dX = out @ W,
+    dW = out.T @ x, dbias = out.sum(0). z: the (n, V) logits stored by row_stats(z_out=), fp32 (it may
     be out itself, then overwritten); None: recomputed from x and W. Why fp32: lse comes from the fp32
     tile, and a bf16 z (off by up to 0.125 at |z| ~ 30) gives p = exp(z - lse) rows that sum to 0.9-1.1,
     so 1 - p of a confident target can even change sign."""
@@ -237,25 +291,28 @@ def dlogits(x, W, targets, lse, mu, g_lp, g_ent, temperature, tiles, out, z=None
         raise ValueError(f"kernels/logprob.py: dlogits needs the stored logits z in float32, got {z.dtype}")
     row_blocks = triton.cdiv(n, tiles.block_n)
     grid = (row_blocks * triton.cdiv(V, tiles.block_v),)
+    b, head_kw = _head_args(head, W, temperature)
     _dlogits_kernel[grid](
-        x, W, targets, lse, mu, g_lp, g_ent if g_ent is not None else g_lp, z if z is not None else out, out,
-        n, V, H, x.stride(0), W.stride(0), z.stride(0) if z is not None else 0, out.stride(0),
-        INV_T=1.0 / temperature, num_row_blocks=row_blocks,
-        FROM_Z=z is not None, HAS_GENT=g_ent is not None, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
+        x, W, b, targets, lse, mu, g_lp, g_ent if g_ent is not None else g_lp, z if z is not None else out, out,
+        n, V, H, x.stride(0), W.stride(0), z.stride(0) if z is not None else 0, out.stride(0), row_blocks,
+        **head_kw, FROM_Z=z is not None, HAS_GENT=g_ent is not None, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
         BLOCK_H=tiles.block_h, DOT_PREC=_dot_prec(x), **_launch_kw(tiles))
     return out
 
 
-def grad_accumulators(x, W):
-    # dW accumulates over row chunks: in fp32 for half-precision weights, so many chunks round once.
+def grad_accumulators(x, W, bias=None):
+    # dW (and dbias) accumulate over row chunks: in fp32 for half-precision weights, so many chunks round once.
     dX = torch.empty_like(x)
     dW = torch.zeros(W.shape, device=W.device, dtype=torch.promote_types(W.dtype, torch.float32))
-    return dX, dW
+    db = None if bias is None else torch.zeros(bias.shape, device=bias.device, dtype=dW.dtype)
+    return dX, dW, db
 
 
-def chunk_matmuls(dz, x, W, dX, dW, i, j):
-    # The two cuBLAS GEMMs of a chunk: dX[i:j] = dz @ W, dW += dz.T @ x[i:j]
+def chunk_matmuls(dz, x, W, dX, dW, i, j, db=None):
+    # The two cuBLAS GEMMs of a chunk: dX[i:j] = dz @ W, dW += dz.T @ x[i:j]; and dbias += column sums
     torch.mm(dz, W, out=dX[i:j])
+    if db is not None:
+        db.add_(dz.sum(0, dtype=db.dtype))
     if dW.dtype == dz.dtype:
         dW.addmm_(dz.T, x[i:j])
         return
@@ -270,16 +327,17 @@ def chunk_matmuls(dz, x, W, dX, dW, i, j):
 
 class FusedLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W, targets, temperature, ignore_index, want_entropy, chunk_rows, tiles):
-        logp, ent, lse, mu = row_stats(x, W, targets, temperature, ignore_index, tiles)
-        ctx.save_for_backward(x, W, targets, lse, mu)
-        ctx.cfg = (temperature, ignore_index, want_entropy, chunk_rows, tiles)
+    def forward(ctx, x, W, bias, targets, scale, softcap, temperature, ignore_index, want_entropy, chunk_rows, tiles):
+        head = (bias, scale, softcap)
+        logp, ent, lse, mu = row_stats(x, W, targets, temperature, ignore_index, tiles, head=head)
+        ctx.save_for_backward(x, W, bias, targets, lse, mu)
+        ctx.cfg = (scale, softcap, temperature, ignore_index, want_entropy, chunk_rows, tiles)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        x, W, targets, lse, mu = ctx.saved_tensors
-        temperature, ignore_index, want_entropy, chunk_rows, tiles = ctx.cfg
+        x, W, bias, targets, lse, mu = ctx.saved_tensors
+        scale, softcap, temperature, ignore_index, want_entropy, chunk_rows, tiles = ctx.cfg
         valid = targets != ignore_index
         g_lp = torch.where(valid, g_lp, 0.0).float().contiguous() if g_lp is not None else valid.float() * 0
         if g_ent is not None and want_entropy:
@@ -287,24 +345,29 @@ class FusedLogprob(torch.autograd.Function):
         else:
             g_ent = None
         n, V = x.shape[0], W.shape[0]
-        dX, dW = grad_accumulators(x, W)
+        dX, dW, db = grad_accumulators(x, W, bias)
         work = torch.empty(min(chunk_rows, max(n, 1)), V, device=x.device, dtype=x.dtype)  # the one chunk
         for i in range(0, n, chunk_rows):
             j = min(i + chunk_rows, n)
             dz = dlogits(x[i:j], W, targets[i:j], lse[i:j], mu[i:j], g_lp[i:j],
-                         None if g_ent is None else g_ent[i:j], temperature, tiles, work[:j - i])
-            chunk_matmuls(dz, x, W, dX, dW, i, j)
-        return dX, dW.to(W.dtype), None, None, None, None, None, None
+                         None if g_ent is None else g_ent[i:j], temperature, tiles, work[:j - i],
+                         head=(bias, scale, softcap))
+            chunk_matmuls(dz, x, W, dX, dW, i, j, db)
+        return (dX, dW.to(W.dtype), None if db is None else db.to(bias.dtype),
+                None, None, None, None, None, None, None, None)
 
 
-def fused_logprob(x, W, targets, temperature=1.0, entropy=False, ignore_index=-100, chunk_rows=2048, tiles=None):
-    """log softmax(x @ W.T / temperature)[targets] (N,) fp32 [, entropy (N,) fp32]; rows whose target
-    is ignore_index give 0 and get no gradient. Differentiable in x and W (entropy too)."""
-    _check(x, W, targets)
+def fused_logprob(x, W, targets, temperature=1.0, entropy=False, ignore_index=-100, chunk_rows=2048, tiles=None,
+                  bias=None, scale=1.0, softcap=0.0):
+    """log softmax(z)[targets] (N,) fp32 [, entropy (N,) fp32] with z the model's logits / temperature,
+    z = head_logits(x, W, bias, scale, softcap) / temperature (plain x @ W.T / T by default); rows whose
+    target is ignore_index give 0 and get no gradient. Differentiable in x, W and bias (entropy too)."""
+    _check(x, W, targets, (bias, scale, softcap))
     x, W = x.contiguous(), W.contiguous()
+    bias = None if bias is None else bias.contiguous()
     targets = targets.contiguous().long()
-    logp, ent = FusedLogprob.apply(x, W, targets, float(temperature), int(ignore_index), bool(entropy),
-                                   int(chunk_rows), tiles or Tiles())
+    logp, ent = FusedLogprob.apply(x, W, bias, targets, float(scale), float(softcap), float(temperature),
+                                   int(ignore_index), bool(entropy), int(chunk_rows), tiles or Tiles())
     return (logp, ent) if entropy else logp
 
 

@@ -31,10 +31,11 @@ from kernels.logprob import Tiles, _check, chunk_matmuls, dlogits, grad_accumula
 # -----------------------------------------------------------------------------
 # Reference: the same loss in plain PyTorch (what the trainers do with --kernels off)
 
-def loss_head_reference(hidden, W, targets, per_token, reduce, temperature=1.0):
+def loss_head_reference(hidden, W, targets, per_token, reduce, temperature=1.0, bias=None, scale=1.0, softcap=0.0):
     """reduce(per_token(logp)) with logp from kernels.logprob.logprob_reference; autograd does the rest."""
     B, C, H = hidden.shape
-    logp, ent = logprob_reference(hidden.reshape(-1, H), W, targets.reshape(-1), temperature, entropy=True)
+    logp, ent = logprob_reference(hidden.reshape(-1, H), W, targets.reshape(-1), temperature, entropy=True,
+                                  bias=bias, scale=scale, softcap=softcap)
     loss = reduce(per_token(logp, slice(0, B * C)).view(B, C))
     return loss, logp.detach().view(B, C), ent.detach().view(B, C)
 
@@ -53,9 +54,10 @@ def reduction_weights(reduce, shape, device):
 
 class _FusedHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W, targets, per_token, w, temperature, ignore_index, chunk_rows, tiles):
+    def forward(ctx, x, W, bias, targets, per_token, w, scale, softcap, temperature, ignore_index, chunk_rows, tiles):
         n, V = x.shape[0], W.shape[0]
-        dX, dW = grad_accumulators(x, W)
+        head = (bias, scale, softcap)
+        dX, dW, db = grad_accumulators(x, W, bias)
         logp_all = torch.zeros(n, device=x.device, dtype=torch.float32)
         ent_all = torch.zeros_like(logp_all)
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
@@ -65,7 +67,8 @@ class _FusedHead(torch.autograd.Function):
         for i in range(0, n, chunk_rows):
             j = min(i + chunk_rows, n)
             z = zbuf[:j - i]
-            logp, ent, lse, mu = row_stats(x[i:j], W, targets[i:j], temperature, ignore_index, tiles, z_out=z)
+            logp, ent, lse, mu = row_stats(x[i:j], W, targets[i:j], temperature, ignore_index, tiles, z_out=z,
+                                           head=head)
             # per-token loss and d loss / d logp: elementwise on (chunk,) vectors, so autograd here is
             # exact and cheap, and follows the trainer's own formula (clamps, tie rules) by construction
             with torch.enable_grad():
@@ -75,33 +78,37 @@ class _FusedHead(torch.autograd.Function):
             valid = targets[i:j] != ignore_index
             loss += torch.where(valid, l.detach(), 0.0).sum()
             g = torch.where(valid, g, 0.0).float().contiguous()
-            dz = dlogits(x[i:j], W, targets[i:j], lse, mu, g, None, temperature, tiles, work[:j - i], z=z)
-            chunk_matmuls(dz, x, W, dX, dW, i, j)
+            dz = dlogits(x[i:j], W, targets[i:j], lse, mu, g, None, temperature, tiles, work[:j - i], z=z,
+                         head=head)
+            chunk_matmuls(dz, x, W, dX, dW, i, j, db)
             logp_all[i:j], ent_all[i:j] = logp, ent
-        ctx.save_for_backward(dX, dW.to(W.dtype))
+        ctx.save_for_backward(dX, dW.to(W.dtype), None if db is None else db.to(bias.dtype))
         ctx.mark_non_differentiable(logp_all, ent_all)
         return loss, logp_all, ent_all
 
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
-        dX, dW = ctx.saved_tensors
-        return (g_loss * dX).to(dX.dtype), (g_loss * dW).to(dW.dtype), None, None, None, None, None, None, None
+        dX, dW, db = ctx.saved_tensors
+        scaled = [None if t is None else (g_loss * t).to(t.dtype) for t in (dX, dW, db)]
+        return (*scaled, None, None, None, None, None, None, None, None, None)
 
 
 def fused_loss_head(hidden, W, targets, per_token, reduce, temperature=1.0, ignore_index=-100, chunk_rows=2048,
-                    tiles=None):
-    """loss = reduce(per_token(logp, rows).view(B, C)) from hidden (B, C, H), W (V, H), targets (B, C).
+                    tiles=None, bias=None, scale=1.0, softcap=0.0):
+    """loss = reduce(per_token(logp, rows).view(B, C)) from hidden (B, C, H), W (V, H), targets (B, C);
+    logp under the model's head (bias, scale, softcap: kernels.head_logits), as in fused_logprob.
 
     per_token(lp (n,), rows): the losses of the flattened rows `rows` (a slice of range(B*C)) given their
     log-probs; must be elementwise in lp (the token-level GRPO ratio, the SFT NLL; not GSPO).
     reduce(loss_tok (B, C)) -> scalar: linear in loss_tok (grpo.aggregate, sft.sft_loss).
-    Returns (loss, logp (B, C), entropy (B, C)); loss is differentiable in hidden and W, logp and
+    Returns (loss, logp (B, C), entropy (B, C)); loss is differentiable in hidden, W and bias, logp and
     entropy are detached statistics (bitwise equal to kernels.logprob.fused_logprob's)."""
     B, C, H = hidden.shape
     x = hidden.reshape(-1, H).contiguous()
     t = targets.reshape(-1).contiguous().long()
-    _check(x, W, t)
+    _check(x, W, t, (bias, scale, softcap))
     w = reduction_weights(reduce, (B, C), hidden.device).reshape(-1)
-    loss, logp, ent = _FusedHead.apply(x, W.contiguous(), t, per_token, w, float(temperature), int(ignore_index),
+    loss, logp, ent = _FusedHead.apply(x, W.contiguous(), None if bias is None else bias.contiguous(), t, per_token,
+                                       w, float(scale), float(softcap), float(temperature), int(ignore_index),
                                        int(chunk_rows), tiles or Tiles())
     return loss, logp.view(B, C), ent.view(B, C)

@@ -86,6 +86,43 @@ def test_logprob_entropy_and_grads_match_float64(N, H, V, T, tiles):
     assert (out[0][valid] < 0).all() and (out[1][valid] > 0).all()
 
 
+HEADS = {"bias": dict(bias=True), "scale": dict(scale=0.3), "softcap": dict(softcap=2.0),
+         "all": dict(bias=True, scale=1.7, softcap=3.0)}   # Phi / Cohere, Granite / Gemma 2 and 3
+
+
+@pytest.mark.parametrize("head", HEADS.values(), ids=HEADS.keys())
+def test_model_heads_match_float64(head):
+    """The model's head in the kernels (bias, logit scale, soft cap: kernels.head_logits), at logits of
+    about +-2 std, where a cap of 2-3 bends them: log p, entropy and the gradients of x, W and the bias,
+    for fused_logprob and for the fused loss head (2 row chunks), against float64 autograd."""
+    N, H, V = 37, 80, 1003
+    x, W, y, g1, g2 = problem(N, H, V, seed=5)
+    b = torch.randn(V, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def grads(fn, dtype, loss_head=False, **kw):
+        xd, Wd, bd = (t.detach().to(DEV, dtype).requires_grad_() for t in (x, W, b))
+        h = {**head, "bias": bd if head.get("bias") else None}
+        if loss_head:   # an SFT-like loss: sum of g1-weighted log-probs
+            out = fn(xd.view(1, N, H), Wd, y.view(1, N).to(DEV), lambda lp, rows: lp * g1.to(DEV, lp.dtype)[rows],
+                     lambda lt: lt.sum(), 0.7, **h, **kw)
+            out[0].backward()
+            out = [out[0], out[1].view(-1)]
+        else:
+            out = list(fn(xd, Wd, y.to(DEV), 0.7, entropy=True, **h, **kw))
+            ((out[0] * g1.to(DEV, out[0].dtype)).sum() + (out[1] * g2.to(DEV, out[1].dtype)).sum()).backward()
+        out += [xd.grad, Wd.grad] + ([bd.grad] if head.get("bias") else [])
+        return [t.detach().double().cpu() for t in out]
+
+    tiles = dict(tiles=Tiles(), chunk_rows=20)
+    for name, a, r in zip(("logp", "entropy", "dX", "dW", "dbias"), grads(fused_logprob, torch.float32, **tiles),
+                          grads(logprob_reference, torch.float64)):
+        close(a, r, name=name)
+    for name, a, r in zip(("loss", "logp", "dX", "dW", "dbias"),
+                          grads(fused_loss_head, torch.float32, True, **tiles),
+                          grads(loss_head_reference, torch.float64, True)):
+        close(a, r, name="loss head " + name)
+
+
 def test_logprob_without_entropy_in_the_loss():
     """entropy=False returns log p alone; its gradient is the log p term only."""
     x, W, y, g1, _ = problem(37, 64, 1003, seed=1)

@@ -275,16 +275,17 @@ def test_token_logprobs_match_naive_reference():
 def test_logprobs_from_hidden_chunked_equals_unchunked():
     """Row chunking (chunk_rows=3, 10 rows: chunks of 3,3,3,1) changes nothing."""
     g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(10, 8, generator=g), torch.randn(20, 8, generator=g)
+    h, W = torch.randn(10, 8, generator=g), torch.randn(20, 8, generator=g)
+    w = M.Head(W)
     t = torch.randint(0, 20, (10,), generator=g)
     a, ea = M.logprobs_from_hidden(h, w, t, temperature=0.8, entropy=True, chunk_rows=3)
     b, eb = M.logprobs_from_hidden(h, w, t, temperature=0.8, entropy=True)
     # Other matmul shapes (3 rows vs 10) may add the length-8 dots in another order: each logit within
     # dot_tol(8, sum |h w|) / T, then log p and entropy as in conftest.logprob_tol.
-    S = (h.abs() @ w.abs().T).max(-1).values / 0.8                           # (10,) max_j sum |h w_j| / T
+    S = (h.abs() @ W.abs().T).max(-1).values / 0.8                           # (10,) max_j sum |h w_j| / T
     tol_lp, tol_ent = logprob_tol(dot_tol(8, S), S, 20)
     assert ((a - b).abs() <= tol_lp).all() and ((ea - eb).abs() <= tol_ent).all()
-    ref = torch.log_softmax(h @ w.T / 0.8, -1).gather(-1, t[:, None]).squeeze(-1)
+    ref = torch.log_softmax(h @ W.T / 0.8, -1).gather(-1, t[:, None]).squeeze(-1)
     assert ((a - ref).abs() <= tol_lp).all()
     assert ((M.logprobs_from_hidden(h, w, t, chunk_rows=3) - M.logprobs_from_hidden(h, w, t)).abs() <= tol_lp).all()
     e = M.logprobs_from_hidden(h[:0], w, t[:0], entropy=True)

@@ -4,3 +4,9 @@
 def digit_fraction(prompts, completions, completion_ids=None, **kw):
     """Fraction of the completion's characters that are digits (0 for an empty completion)."""
     return [sum(ch.isdigit() for ch in c) / len(c) if c else 0.0 for c in completions]
+
+
+def first_char(prompts, completions, completion_ids=None, **kw):
+    """The code of the completion's first character / 128 (0 for an empty completion): any two samples of
+    an untrained model almost surely differ, so every group has a spread of rewards, hence a gradient."""
+    return [ord(c[0]) / 128 if c else 0.0 for c in completions]
