@@ -135,12 +135,14 @@ def resolve_reward_funcs(cfg):
             funcs.append(rewards.REWARD_FUNCS[n])
         else:
             raise ValueError(f"unknown reward function {n!r} (built in: {', '.join(rewards.REWARD_FUNCS)})")
-    return names, funcs, torch.tensor(weights)
+    return names, funcs, weights
 
 
-def score(funcs, weights, prompts, completions, completion_ids, columns):
+def score(funcs, weights, prompts, completions, completion_ids, columns, device="cpu"):
     """Run every reward function. Returns per-function rewards (N, F) with NaN where a function
-    abstained, and their weighted sum (N,), NaN where every function abstained.
+    abstained, and their weighted sum (N,), NaN where every function abstained, both on `device` (the
+    model's: the advantages made from them meet the log-probs there, and on CUDA the advantage kernel
+    takes them). weights: F floats.
 
     A function abstains on a sample when it returns None for it (TRL's convention), returns something
     that is not a finite number (NaN, inf, a string), or raises. Reward functions are user code run on
@@ -150,8 +152,8 @@ def score(funcs, weights, prompts, completions, completion_ids, columns):
     the metric rewards/<fn>/abstained counts the samples each function did not score, every step."""
     N = len(completions)
     per_fn = torch.tensor([_call_reward(f, prompts, completions, completion_ids, columns) for f in funcs],
-                          dtype=torch.float32).T.reshape(N, len(funcs))  # (N, F)
-    weighted = per_fn * weights                                   # (N, F)
+                          dtype=torch.float32, device=device).T.reshape(N, len(funcs))  # (N, F)
+    weighted = per_fn * torch.as_tensor(weights, dtype=torch.float32, device=device)     # (N, F)
     total = torch.nansum(weighted, dim=1)
     total[torch.isnan(per_fn).all(1)] = math.nan
     return per_fn, total
@@ -457,10 +459,10 @@ def main(cfg):
             texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
             columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in {k for r in rows for k in r} - {"prompt"}}
             columns["prompt_text"] = tok.batch_decode(ids)  # rendered: shows a <think> the template pre-fills
-            per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns)
+            per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns, device)
             rounds += 1
             seen_groups += Pl
-            keep = torch.ones(Pl, dtype=torch.bool)
+            keep = torch.ones(Pl, dtype=torch.bool, device=device)
             if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
                 keep = _nanstd(R.view(Pl, G)) > 0
             kept.append((roll, prompts, texts, per_fn, R, keep))
