@@ -3,7 +3,8 @@ save_pretrained beside the built-in character tokenizer, loaded by model.load (a
 lm_head check), then (1) our log-probs, PyTorch and kernel, equal the model's own: the log-probs that
 rollout.py samples with, from log_softmax(model(...).logits / T); (2) one SFT step and one GRPO step
 train it. The heads differ: Phi has an lm_head bias, Cohere multiplies the logits by logit_scale, Granite
-divides them by logits_scaling, Gemma 2 and 3 soft-cap them (and Gemma 2 has no sdpa attention)."""
+divides them by logits_scaling, Gemma 2 and 3 soft-cap them (and Gemma 2 and Bloom have no sdpa
+attention); the MoE, sliding-window and ALiBi families run too."""
 import json
 import os
 import sys
@@ -44,7 +45,16 @@ FAMILIES = {   # config class, what differs from SIZE
     "olmo": (T.OlmoConfig, {}),
     "olmo2": (T.Olmo2Config, {}),
     "granite": (T.GraniteConfig, {"logits_scaling": 4.0}),
+    "granitemoe": (T.GraniteMoeConfig, {"logits_scaling": 4.0, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "cohere2": (T.Cohere2Config, {"logit_scale": 0.5, "sliding_window": 4}),
+    "qwen2_moe": (T.Qwen2MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 32}),
+    "gpt_neox": (T.GPTNeoXConfig, {}),
+    "stablelm": (T.StableLmConfig, {}),
+    "falcon": (T.FalconConfig, {}),
+    "bloom": (T.BloomConfig, {"n_layer": 2, "n_head": 4}),                      # ALiBi; eager attention
 }
+EAGER = {"gemma2", "bloom"}   # no sdpa in transformers: load falls back to eager
 
 
 def make_dir(path, family):
@@ -75,8 +85,8 @@ def test_logprobs_equal_the_models_own(dirs, family, monkeypatch):
     the same logits (tests/conftest.py); the tokenizer comes back as it was saved."""
     path, saved_tok = dirs[family]
     m, tok = M.load(path)
-    assert type(m).__name__.lower().startswith(family)              # Gemma3ForCausalLM, GPT2LMHeadModel, ...
-    assert m.config._attn_implementation == ("eager" if family == "gemma2" else "sdpa")
+    assert type(m).__name__.lower().startswith(family.replace("_", ""))   # Gemma3ForCausalLM, GPT2LMHeadModel, ...
+    assert m.config._attn_implementation == ("eager" if family in EAGER else "sdpa")
     text = "<think>12+34</think> ok"
     assert tok(text).input_ids == saved_tok(text).input_ids
     torch.manual_seed(0)
@@ -92,12 +102,18 @@ def test_logprobs_equal_the_models_own(dirs, family, monkeypatch):
         assert err <= tol, (family, "kernel" if on else "pytorch", err, tol)
 
 
-def test_load_refuses_a_head_it_does_not_know(dirs, monkeypatch):
-    """A forward that transforms its logits in a way output_head does not read is refused at load with
-    an error naming the model and the difference (here: Cohere with its logit_scale rule taken away)."""
-    monkeypatch.setattr(M, "LOGIT_SCALES", {k: v for k, v in M.LOGIT_SCALES.items() if k != "logit_scale"})
-    with pytest.raises(ValueError, match="CohereForCausalLM's forward computes other logits"):
-        M.load(dirs["cohere"][0])
+def test_load_refuses_a_head_it_does_not_know(tmp_path):
+    """A forward that transforms its logits in a way output_head does not read is refused at load, with
+    an error naming the model and the difference: HyperCLOVAX multiplies by its logits_scaling where
+    Granite divides (output_head reads Granite's rule)."""
+    FAMILIES["hyperclovax"] = (T.HyperCLOVAXConfig, {"logits_scaling": 4.0})
+    try:
+        make_dir(str(tmp_path / "m"), "hyperclovax")
+    finally:
+        del FAMILIES["hyperclovax"]
+    with pytest.raises(ValueError, match="HyperCLOVAXForCausalLM's forward computes other logits than x @ W.T, "
+                                         "scale 0.25"):
+        M.load(str(tmp_path / "m"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
