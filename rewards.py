@@ -4,8 +4,9 @@ Tasks are seeded generators with an exact checker. Each problem carries both wha
 and the columns the reward functions read, e.g. `answer`) and what the cold start needs (a worked
 reasoning trace in the R1 format `<think>...</think><answer>...</answer>`).
 
-    add       a + b with n-digit numbers; the trace adds column by column, right to left, with carries:
+    add       a + b with 3-digit numbers; the trace adds column by column, right to left, with carries:
               "347+285" -> <think>7+5=12,4+8+1=13,3+2+1=6</think><answer>632</answer>
+    add2      the same with 2-digit numbers: the demo in a minute (tests/test_demo.py's learning test)
     countdown reach the target with each given number once, + - * /:
               "3,5,7->22" -> <think>3*5=15,15+7=22</think><answer>3*5+7</answer>
 
@@ -88,7 +89,7 @@ def make_countdown(rng, count=3):
                            {"numbers": nums, "target": target})
 
 
-TASKS = {"add": make_addition, "countdown": make_countdown}
+TASKS = {"add": make_addition, "add2": lambda rng: make_addition(rng, digits=2), "countdown": make_countdown}
 HELD_OUT_SEED = 1_000_003  # one fixed evaluation set for every run and every seed
 
 

@@ -102,7 +102,7 @@ def load_examples(cfg, tok):
     slips = random.Random(cfg.seed + 10_000)   # the teacher's slips: their own stream, one draw per trace
     for i, p in enumerate(stream.take(cfg.num_examples)):
         trace = p.trace
-        if cfg.task == "add" and slips.random() < cfg.teacher_slip:
+        if cfg.task in ("add", "add2") and slips.random() < cfg.teacher_slip:
             trace = rewards.addition_trace(*map(int, p.prompt.split("+")), slip=True)
         try:
             examples.append(encode_checked(tok, [{"role": "user", "content": p.prompt}],
