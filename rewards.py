@@ -20,15 +20,18 @@ dataset column arrive as keyword arguments.
     format_reward              1 if the completion is <think>...</think><answer>...</answer> (DeepSeek-R1)
     soft_overlong_punishment   DAPO's length penalty near the completion limit
     code_reward                fraction of the `tests` column the completion's ```python block passes,
-                               run in sandbox.py (separate process, limits, no network, no secrets)
+                               run in sandbox.py (separate process, limits, no network, no secrets);
+                               calls and stdin/stdout tests are decided by the trainer, asserts are not
 
 Expressions written by the model are evaluated with `safe_eval`, a bounded AST evaluator over exact
 fractions, never with `eval` (which would run arbitrary code, and `9**9**9` would hang the trainer).
 """
 import ast
+import json
 import random
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -267,47 +270,85 @@ def extract_code(completion):
     return found[-1] if found else None
 
 
+class Rewards(list):
+    """A reward function's values (a list, as every reward function returns) plus `metrics`, counts to log
+    beside them (grpo.py: rewards/<fn>/<name>)."""
+
+    def __init__(self, values, metrics):
+        super().__init__(values)
+        self.metrics = metrics
+
+
 def code_reward(prompts, completions, tests=None, sandbox=None, **kw):
-    """Fraction of the row's tests that the completion's program passes, each test in its own sandboxed
-    process (sandbox.py: timeout, memory/CPU/process limits, no network, no inherited environment).
+    """Fraction of the row's tests that the completion's program passes, run in sandbox.py (timeout,
+    memory/process/disk limits per run, no network, a file system of its own, no inherited environment).
 
     The `tests` column is a list; each test is one of
-        "assert add(2, 3) == 5"              Python run after the program, in the same process: passes
-                                             if it runs to the end (an AssertionError or any other
-                                             exception, a timeout, a crash: fails)
-        {"input": "2 3\n", "output": "5"}   stdin/stdout: the program runs with `input` as stdin and passes
-                                             if it exits 0 and its stdout equals `output` (trailing
-                                             whitespace of each line and trailing blank lines ignored)
+        {"call": "add", "args": [2, 3], "expected": 5}
+              a call, decided by the trainer: the sandboxed process imports the program (as module
+              `solution`: an `if __name__ == "__main__":` block does not run), calls add(2, 3) (optional
+              "kwargs": {...}) and prints the result as JSON; the trainer parses it and compares it with
+              `expected`, which never enters the sandbox, as JSON values with their types (True is not 1,
+              1 is not 1.0; tuples arrive as lists). All the calls of a row run in one process, under one
+              timeout; each result is printed as soon as it is computed, so the calls before one that hangs
+              still count. A call whose result line is missing, unparsable, not JSON-serialisable, printed
+              twice, or an exception, fails.
+        {"input": "2 3\n", "output": "5"}
+              stdin/stdout, decided by the trainer: the program runs with `input` as stdin and passes if it
+              exits 0 and its stdout equals `output` (trailing whitespace of each line and trailing blank
+              lines ignored). Its own process per test.
+        "assert add(2, 3) == 5"
+              Python run after the program in the same process, decided INSIDE the untrusted process: it
+              passes if a random marker printed after the test is the last line of stdout (its own process
+              per test). Resists a wrong program, a crash, and sys.exit(0) / os._exit(0) before the asserts.
+              Does NOT resist a program written to cheat: the marker can be read (sys._getframe().f_code.
+              co_consts, the source file), printed by an excepthook or atexit handler before os._exit(0),
+              and `assert f(x) == y` passes for a returned object whose __eq__ is always True. Kept for
+              hand-written tests; for RL, which optimises against the checker, use calls or stdin/stdout.
     0.0 when the completion has no code block. None (abstain) when the row has no tests, or when the
     sandbox itself could not run a test (no fork, no disk: nothing the program did), since the fraction
     is then unknown. For all-or-nothing (CodeV-R1), wrap it: 1.0 if code_reward(...) == 1.0.
 
-    Reward hacking. A program that calls sys.exit(0) / os._exit(0) before the asserts would pass them
-    if exit status were the criterion: instead an assert test passes only if a random marker, printed
-    after the test code, is the last line of stdout. A program that reads its own source file can still
-    find the marker: the sandbox protects the machine, the tests are only as strong as this.
+    Returns a Rewards list; its `metrics`: runs, timeouts (runs killed at the timeout), output_cut (runs
+    killed for printing more than the cap), not_started, seconds (wall time of the whole batch). A policy
+    that learns to hang shows up there before it shows up in the step time.
     """
     from sandbox import default_sandbox   # here, not at the top: sandbox.py is POSIX-only
     box = sandbox or default_sandbox()
     code = [extract_code(c) for c in completions]
-    jobs, owner, checks = [], [], []          # one sandboxed run per (completion, test)
+    jobs, owner, checks = [], [], []          # one sandboxed run each; check(result) -> tests passed
     tests = tests or [None] * len(completions)
     for i, (prog, row_tests) in enumerate(zip(code, tests)):
         if prog is None or not row_tests:
             continue
+        calls, expected = [], []
         for j, t in enumerate(row_tests):
             if isinstance(t, str):
                 marker = f"all tests ran {secrets.token_hex(8)}"
                 jobs.append((f"{prog}\n\n{t}\nprint({marker!r})\n", ""))
                 checks.append(lambda r, m=marker: r.ok and r.stdout.rstrip().rsplit("\n", 1)[-1] == m)
+            elif isinstance(t, dict) and "call" in t:
+                call, want = _call_test(t, f"tests[{j}] of sample {i}")
+                calls.append(call)
+                expected.append(want)
+                continue
             elif isinstance(t, dict) and isinstance(t.get("input"), str) and isinstance(t.get("output"), str):
                 jobs.append((prog, t["input"]))
                 want = _normalise_output(t["output"])
                 checks.append(lambda r, w=want: r.ok and _normalise_output(r.stdout) == w)
             else:
-                raise ValueError(f"tests[{j}] of sample {i}: expected a Python string or "
-                                 f"{{\"input\": str, \"output\": str}}, got {t!r:.80}")
+                raise ValueError(f"tests[{j}] of sample {i}: expected an assert string, "
+                                 f"{{\"input\": str, \"output\": str}} or {{\"call\": name, \"args\": [...], "
+                                 f"\"expected\": value}}, got {t!r:.80}")
             owner.append(i)
+        if calls:   # one process for all the calls of the row
+            # The marker tells the harness's lines from the program's own prints. A program can forge a
+            # line, but a line only claims a value, and the value is compared here.
+            marker = f"result {secrets.token_hex(8)}"
+            jobs.append((f"{_CALL_HARNESS}\n_run({prog!r}, {json.dumps(calls)!r}, {marker!r})\n", ""))
+            checks.append(lambda r, m=marker, w=expected: _calls_passed(r.stdout, m, w))
+            owner.append(i)
+    t0 = time.monotonic()
     results = box.map(jobs)
     passed, unknown = [0] * len(completions), [False] * len(completions)
     for i, r, check in zip(owner, results, checks):
@@ -319,7 +360,70 @@ def code_reward(prompts, completions, tests=None, sandbox=None, **kw):
             out.append(None)
         else:
             out.append(0.0 if code[i] is None else passed[i] / len(row_tests))
-    return out
+    return Rewards(out, {"runs": len(results), "timeouts": sum(r.timed_out for r in results),
+                         "output_cut": sum(r.truncated for r in results),
+                         "not_started": sum(not r.started for r in results),
+                         "seconds": time.monotonic() - t0})
+
+
+# The call harness: main.py of a call test's process. It imports the program as module `solution`, calls
+# each function and prints, per call, one line "\n<marker> [k, "value", result]" (or [k, "raised", name])
+# as soon as it has it. Nothing here needs to be trusted: whatever the program does to it, the trainer
+# reads only JSON values from stdout and compares them with expected values the process never sees.
+_CALL_HARNESS = """\
+import json, os
+def _run(source, calls, marker):
+    ns = {"__name__": "solution"}
+    exec(compile(source, "solution.py", "exec"), ns)
+    for k, (name, args, kwargs) in enumerate(json.loads(calls)):
+        try:
+            line = json.dumps([k, "value", ns[name](*args, **kwargs)])
+        except BaseException as e:
+            line = json.dumps([k, "raised", type(e).__name__])
+        os.write(1, f"\\n{marker} {line}\\n".encode())
+"""
+
+
+def _call_test(t, where):
+    """A {"call", "args", "kwargs", "expected"} test -> ([name, args, kwargs], expected), both as plain
+    JSON values (tuples become lists, as they will in the result), or a ValueError saying what is wrong."""
+    name, args, kwargs = t["call"], t.get("args", []), t.get("kwargs", {})
+    if not (isinstance(name, str) and name.isidentifier() and "expected" in t and isinstance(args, list)
+            and isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)
+            and set(t) <= {"call", "args", "kwargs", "expected"}):
+        raise ValueError(f"{where}: a call test is {{\"call\": function name, \"args\": [...] (optional), "
+                         f"\"kwargs\": {{str: ...}} (optional), \"expected\": value}}, got {t!r:.80}")
+    try:
+        return json.loads(json.dumps([name, args, kwargs])), json.loads(json.dumps(t["expected"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: args, kwargs and expected must be JSON values ({e})") from None
+
+
+def _calls_passed(stdout, marker, expected):
+    """How many calls returned their expected value: call k passes if stdout has exactly one line
+    "<marker> [k, "value", v]" and v equals expected[k] (_same)."""
+    seen = {}
+    for line in stdout.split("\n"):
+        if line.startswith(marker + " "):
+            try:
+                k, kind, value = json.loads(line[len(marker) + 1:])
+            except (ValueError, TypeError, RecursionError):   # anything the program printed: not a claim
+                continue
+            if type(k) is int:
+                seen.setdefault(k, []).append((kind, value))
+    return sum(len(seen.get(k, ())) == 1 and seen[k][0][0] == "value" and _same(seen[k][0][1], want)
+               for k, want in enumerate(expected))
+
+
+def _same(a, b):
+    """Equal as JSON values, types included (True is not 1, 1 is not 1.0), lists in order."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is list:
+        return len(a) == len(b) and all(map(_same, a, b))
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
 
 
 def _normalise_output(text):
