@@ -86,13 +86,15 @@ def test_the_emulation_raises_on_a_host_device_mix():
 def test_grpo_runs_on_a_device(tmp_path, device, kernels_mode):
     """Two GRPO steps with everything that creates tensors on the way (rewards, dynamic sampling's
     kept groups, truncation mask, PPO reuse with old log-probs, a reference model's log-probs, KL), then
-    a checkpoint. With kernels, the advantage kernel, the log-prob kernel (old / reference log-probs)
-    and the fused loss head are all reached with device inputs."""
+    a checkpoint. With kernels, as on a GPU: the static rollout engine (the CUDA-graph engine's buffers
+    and decode step, without the capture), and the advantage kernel, the log-prob kernel (old /
+    reference log-probs) and the fused loss head all reached with device inputs."""
     model, _, _ = grpo.main(grpo.GRPOConfig(
         device=device.name, kernels=kernels_mode, init="scratch", out=str(tmp_path / "grpo"), steps=2, num_prompts=2,
         num_generations=4, max_new_tokens=6, eval_n=0, eval_every=0, sample_every=1, save_every=1,
         threads=TEST_THREADS, reward_funcs="toy_rewards:digit_fraction", beta=0.04, num_iterations=2,
-        dynamic_sampling=True, mask_truncated_completions=True))
+        dynamic_sampling=True, mask_truncated_completions=True,
+        rollout_engine="static" if kernels_mode == "auto" else "simple"))
     assert on_device(model)
     ms = metrics(tmp_path / "grpo" / "metrics.jsonl")
     assert [m["step"] for m in ms] == [1, 2] and all(math.isfinite(m["grad_norm"]) for m in ms)
