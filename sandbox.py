@@ -244,13 +244,13 @@ class Sandbox:
     def __init__(self, timeout=5.0, memory_mb=1024, disk_mb=64, file_size_mb=16, max_processes=16,
                  max_open_files=64, max_output=1 << 20, max_parallel=None, uid_base=60000, namespaces=True,
                  cgroups=True, python=None):
-        for name, v in (("timeout", timeout), ("memory_mb", memory_mb), ("disk_mb", disk_mb),
-                        ("file_size_mb", file_size_mb), ("max_processes", max_processes),
-                        ("max_open_files", max_open_files), ("max_output", max_output)):
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"Sandbox: {name} must be a positive number, got {v!r}")
-        if max_parallel is not None and not (isinstance(max_parallel, int) and max_parallel > 0):
-            raise ValueError(f"Sandbox: max_parallel must be a positive integer or None, got {max_parallel!r}")
+        sizes = {"memory_mb": memory_mb, "disk_mb": disk_mb, "file_size_mb": file_size_mb, "max_processes":
+                 max_processes, "max_open_files": max_open_files, "max_output": max_output, "max_parallel": max_parallel}
+        for name, v in sizes.items():   # integers: they become rlimits, cgroup files and a tmpfs size
+            if not (type(v) is int and v > 0 or name == "max_parallel" and v is None):
+                raise ValueError(f"Sandbox: {name} must be a positive integer, got {v!r}")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"Sandbox: timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout, self.max_output = timeout, max_output
         self.memory_mb, self.disk_mb, self.max_processes = memory_mb, disk_mb, max_processes
         self.max_parallel = max_parallel or default_parallelism(memory_mb + disk_mb)

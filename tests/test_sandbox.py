@@ -413,6 +413,13 @@ def test_disk_is_bounded_for_the_run_and_nothing_is_left_behind(isolation):
     assert left == []
 
 
+@pytest.mark.parametrize("bad", [{"disk_mb": 8.5}, {"memory_mb": 0}, {"max_parallel": 0}, {"timeout": -1}])
+def test_bad_limits_are_refused_with_their_name(bad):
+    """A fractional disk_mb would make the tmpfs refuse to mount: refused here, by name, instead."""
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Sandbox(**bad)
+
+
 def test_sandbox_failure_is_reported_not_raised():
     r = Sandbox(python="/nonexistent/python").run("print(1)")
     assert not r.started and "nonexistent" in r.error
