@@ -138,7 +138,7 @@ def resolve_reward_funcs(cfg):
     return names, funcs, weights
 
 
-def score(funcs, weights, prompts, completions, completion_ids, columns, device="cpu"):
+def score(funcs, weights, prompts, completions, completion_ids, columns, device="cpu", extra=None):
     """Run every reward function. Returns per-function rewards (N, F) with NaN where a function
     abstained, and their weighted sum (N,), NaN where every function abstained, both on `device` (the
     model's: the advantages made from them meet the log-probs there, and on CUDA the advantage kernel
@@ -149,9 +149,14 @@ def score(funcs, weights, prompts, completions, completion_ids, columns, device=
     model output for hours: one sample that trips them must cost that sample's reward, not the run. A
     function that raises on the batch is called again sample by sample, so only the samples that make
     it raise abstain. Each kind of fault is reported once per function on stderr (with the traceback);
-    the metric rewards/<fn>/abstained counts the samples each function did not score, every step."""
+    the metric rewards/<fn>/abstained counts the samples each function did not score, every step.
+
+    A function may return its values with a `.metrics` dict of counts (code_reward: runs, timeouts, ...):
+    they are added into extra[i] (one dict per function) for the step's metrics, rewards/<fn>/<key>."""
     N = len(completions)
-    per_fn = torch.tensor([_call_reward(f, prompts, completions, completion_ids, columns) for f in funcs],
+    extra = extra if extra is not None else [{} for _ in funcs]
+    per_fn = torch.tensor([_call_reward(f, prompts, completions, completion_ids, columns, extra[i])
+                           for i, f in enumerate(funcs)],
                           dtype=torch.float32, device=device).T.reshape(N, len(funcs))  # (N, F)
     weighted = per_fn * torch.as_tensor(weights, dtype=torch.float32, device=device)     # (N, F)
     total = torch.nansum(weighted, dim=1)
@@ -159,20 +164,24 @@ def score(funcs, weights, prompts, completions, completion_ids, columns, device=
     return per_fn, total
 
 
-def _call_reward(f, prompts, completions, completion_ids, columns):
-    """One reward function on N samples -> N floats, NaN where it abstained or failed."""
+def _call_reward(f, prompts, completions, completion_ids, columns, extra):
+    """One reward function on N samples -> N floats, NaN where it abstained or failed; the counts in
+    the `.metrics` of what it returned (if any) are added into the dict `extra`."""
     N = len(completions)
     try:
-        values = list(f(prompts, completions, completion_ids=completion_ids, **columns))
+        ret = f(prompts, completions, completion_ids=completion_ids, **columns)
+        values = list(ret)
     except Exception:
         _report_fault(f, "raised", traceback.format_exc())
         if N == 1:
             return [math.nan]
         return [_call_reward(f, prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
-                             {k: v[i:i + 1] for k, v in columns.items()})[0] for i in range(N)]
+                             {k: v[i:i + 1] for k, v in columns.items()}, extra)[0] for i in range(N)]
     if len(values) != N:
         _report_fault(f, "returned the wrong number of values", f"{len(values)} values for {N} completions")
         return [math.nan] * N
+    for k, v in (getattr(ret, "metrics", None) or {}).items():
+        extra[k] = extra.get(k, 0) + v
     out = []
     for v in values:
         if v is None:   # abstains by choice: not a fault
@@ -446,6 +455,7 @@ def main(cfg):
         t0 = time.time()
         # ---- rollout + rewards (+ dynamic sampling) ---------------------------------------------
         kept, rounds, seen_groups = [], 0, 0
+        fn_metrics = [{} for _ in funcs]  # counts a reward function reports (code_reward: timeouts, ...)
         while True:
             rows = dist.shard(prompts_src.take(P))                            # every rank draws the global
             prompts = [r["prompt"] for r in rows for _ in range(G)]           # each prompt G times, grouped
@@ -459,7 +469,7 @@ def main(cfg):
             texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
             columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in {k for r in rows for k in r} - {"prompt"}}
             columns["prompt_text"] = tok.batch_decode(ids)  # rendered: shows a <think> the template pre-fills
-            per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns, device)
+            per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns, device, fn_metrics)
             rounds += 1
             seen_groups += Pl
             keep = torch.ones(Pl, dtype=torch.bool, device=device)
@@ -549,6 +559,8 @@ def main(cfg):
                    "grad_norm": float(grad_norm), "skipped_steps": skipped, "learning_rate": sched.get_last_lr()[0],
                    "num_tokens": num_tokens, "step_time": time.time() - t0,
                    "time/rollout": t_rollout, "time/logprobs": t_logprobs, "time/train": t_train}
+        metrics.update({f"rewards/{names[i]}/{k}": dist.all_sum(v)    # every rank has the same keys
+                        for i, d in enumerate(fn_metrics) for k, v in sorted(d.items())})
         if cfg.beta != 0.0:
             metrics["kl"] = acc["kl"]
         if cfg.dynamic_sampling:

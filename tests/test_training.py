@@ -266,24 +266,6 @@ def test_grpo_resume_gives_the_same_run(tmp_path):
     assert M.load_state(a)["step"] == 4 and M.load_state(b)["step"] == 4
 
 
-def test_grpo_learns_after_cold_start(tmp_path):
-    """A short cold-start SFT, then 24 GRPO steps (lr 1e-4): mean reward of the last 8 steps beats the
-    first 8. The gain is the format reward (weight 0.1): exact 3-digit addition is out of reach in this
-    budget. (Seen: seeds 0/1/2 go 0.038/0.021/0.029 -> 0.090/0.059/0.090; at lr 3e-4 seed 1 collapses.)"""
-    s, g = str(tmp_path / "sft"), str(tmp_path / "grpo")
-    sft.main(sft.SFTConfig(out=s, steps=60, batch_size=16, num_examples=500, eval_n=0, save_every=0,
-                           threads=TEST_THREADS))
-    grpo.main(quiet_grpo(init=s, out=g, steps=24, num_prompts=4, num_generations=8, max_new_tokens=24, lr=1e-4))
-    ms = metrics(os.path.join(g, "metrics.jsonl"))
-    assert len(ms) == 24
-    r = [m["reward"] for m in ms]
-    f = [m["rewards/format/mean"] for m in ms]
-    early, late = sum(r[:8]) / 8, sum(r[-8:]) / 8
-    assert late > early + 0.015, (early, late, r)
-    assert sum(f[-8:]) / 8 > sum(f[:8]) / 8 + 0.15, f
-    assert all(m["skipped_steps"] == 0 for m in ms)
-
-
 def test_grpo_custom_reward_function_learns_from_scratch(tmp_path):
     """--reward-funcs module:function loads a user reward; with that dense reward (fraction of digit
     characters) 12 GRPO steps from the untrained model raise the reward clearly."""
@@ -293,6 +275,17 @@ def test_grpo_custom_reward_function_learns_from_scratch(tmp_path):
     r = [m["reward"] for m in ms]
     assert ms[0]["rewards/" + TOY + "/mean"] == pytest.approx(r[0])
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.2, r
+
+
+def test_grpo_logs_the_counts_a_reward_function_reports(tmp_path):
+    """A reward function that returns its values with `.metrics` (code_reward: runs, timeouts) gets
+    those counts logged as rewards/<fn>/<key>, summed over the step's calls: one call per step here."""
+    out = str(tmp_path / "g")
+    name = "toy_rewards:counted"
+    grpo.main(quiet_grpo(out=out, steps=2, reward_funcs=name))
+    ms = metrics(os.path.join(out, "metrics.jsonl"))
+    assert [m[f"rewards/{name}/calls"] for m in ms] == [1, 1]
+    assert [m[f"rewards/{name}/scored"] for m in ms] == [16, 16]          # 4 prompts x 4 completions
 
 
 def test_grpo_missing_init_dir(tmp_path):

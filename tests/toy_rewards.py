@@ -10,3 +10,10 @@ def first_char(prompts, completions, completion_ids=None, **kw):
     """The code of the completion's first character / 128 (0 for an empty completion): any two samples of
     an untrained model almost surely differ, so every group has a spread of rewards, hence a gradient."""
     return [ord(c[0]) / 128 if c else 0.0 for c in completions]
+
+
+def counted(prompts, completions, completion_ids=None, **kw):
+    """digit_fraction, returned with counts to log (as code_reward returns runs and timeouts): one
+    'calls' per call, and 'scored': the number of completions."""
+    import rewards
+    return rewards.Rewards(digit_fraction(prompts, completions), {"calls": 1, "scored": len(completions)})
