@@ -68,8 +68,8 @@ import dist
 import kernels
 import rewards
 import sft
-from model import (ShuffledCycle, TooLong, check_text_or_messages, encode_example, encode_prompt, load, load_state,
-                   parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs,
+from model import (TRUNCATION, ShuffledCycle, TooLong, check_flags, check_text_or_messages, encode_example,
+                   encode_prompt, load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs,
                    trim_log, write_config)
 from rollout import generate
 
@@ -110,6 +110,38 @@ class DPOConfig:
     threads: int = 2
     kernels: str = "auto"          # auto = the Triton log-prob kernel on CUDA (kernels/), PyTorch elsewhere | off
     fsdp: bool = False             # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
+
+
+def check_config(cfg):
+    """Every flag's range, and the combinations that cannot work, before anything is loaded or written."""
+    return [
+        (cfg.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}"),
+        (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
+        (0 <= cfg.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
+        (not cfg.label_smoothing or cfg.loss in ("sigmoid", "robust"),
+         "--label-smoothing applies to --loss sigmoid (cDPO) and robust only"),
+        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+        (cfg.grad_clip > 0, f"--grad-clip must be > 0, got {cfg.grad_clip}"),
+        (cfg.max_length >= 2, f"--max-length must be >= 2, got {cfg.max_length}"),
+        (cfg.truncation in TRUNCATION, f"--truncation must be error or skip, got {cfg.truncation!r}"),
+        (cfg.rounds >= 1, f"--rounds must be >= 1, got {cfg.rounds}"),
+        (cfg.num_prompts >= 1, f"--num-prompts must be >= 1, got {cfg.num_prompts}"),
+        # a pair needs a correct and an incorrect completion of the same problem
+        (cfg.num_generations >= 2, f"--num-generations must be >= 2 (a pair is two completions), got {cfg.num_generations}"),
+        (cfg.pairs_per_prompt >= 1, f"--pairs-per-prompt must be >= 1, got {cfg.pairs_per_prompt}"),
+        (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
+        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
+        (cfg.generation_batch >= 1, f"--generation-batch must be >= 1, got {cfg.generation_batch}"),
+        (cfg.micro_batch >= 1, f"--micro-batch must be >= 1, got {cfg.micro_batch}"),
+        *[(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
+          for k in ("eval_n", "eval_every", "save_every")],
+        (cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}"),
+        (cfg.kernels in kernels.MODES, f"--kernels must be one of {', '.join(kernels.MODES)}, got {cfg.kernels!r}"),
+        (bool(cfg.data) or cfg.task in rewards.TASKS, f"--task must be one of {', '.join(rewards.TASKS)}, got {cfg.task!r}"),
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -299,18 +331,13 @@ def sample_pairs(model, tok, problems, cfg):
 # -----------------------------------------------------------------------------
 
 def main(cfg):
+    check_flags(cfg, check_config)               # before anything is loaded or written
     torch.set_num_threads(cfg.threads)
     kernels.set_mode(cfg.kernels)
     device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op
     rank, world = dist.rank(), dist.world()
     seed_everything(cfg.seed + rank)             # ranks sample differently; rank 0 is the single-process run
     print(json.dumps(vars(cfg)))
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
-    if cfg.label_smoothing and cfg.loss not in ("sigmoid", "robust"):
-        raise ValueError("--label-smoothing applies to --loss sigmoid (cDPO) and robust only")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise ValueError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     held = rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n and not cfg.data else []
 
     # The cold start, as in grpo.py: the default init directory is built by sft.py the first time.

@@ -55,9 +55,9 @@ import kernels
 import dist
 import rewards
 import sft
-from model import (DataError, ShuffledCycle, TooLong, check_text_or_messages, completion_hidden, encode_prompt,
-                   load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state,
-                   token_logprobs, trim_log, write_config)
+from model import (TRUNCATION, ConfigError, DataError, ShuffledCycle, TooLong, check_flags, check_text_or_messages,
+                   completion_hidden, encode_prompt, load, load_state, parse_config, read_jsonl, rng_state, save,
+                   seed_everything, set_rng_state, token_logprobs, trim_log, write_config)
 from rollout import Rollout, generate
 
 
@@ -112,6 +112,46 @@ class GRPOConfig:
     fsdp: bool = False             # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
 
 
+def check_config(cfg):
+    """Every flag's range, and the combinations that cannot work, before anything is loaded or written."""
+    one_of = lambda flag, v, opts: (v in opts, f"--{flag} must be {' or '.join(opts)}, got {v!r}")
+    return [
+        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
+        (cfg.num_prompts >= 1, f"--num-prompts must be >= 1, got {cfg.num_prompts}"),
+        # a group of one has nothing to be compared with: every advantage would be 0 and nothing would train
+        (cfg.num_generations >= 2, f"--num-generations must be >= 2 (group advantages compare the G samples of a "
+                                   f"prompt; with {cfg.num_generations} every advantage is 0), got {cfg.num_generations}"),
+        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
+        (cfg.max_prompt_length >= 1, f"--max-prompt-length must be >= 1, got {cfg.max_prompt_length}"),
+        one_of("truncation", cfg.truncation, TRUNCATION),
+        (cfg.temperature > 0, f"--temperature must be > 0 (sampling; the log-probs divide by it), got {cfg.temperature}"),
+        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
+        (cfg.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {cfg.top_k}"),
+        one_of("rollout-engine", cfg.rollout_engine, ("auto", "simple", "static", "graph")),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+        (cfg.grad_clip > 0, f"--grad-clip must be > 0, got {cfg.grad_clip}"),
+        one_of("advantage", cfg.advantage, ("grpo", "rloo")),
+        one_of("scale-rewards", cfg.scale_rewards, ("group", "batch", "none")),
+        one_of("loss-type", cfg.loss_type, ("grpo", "dapo", "dr_grpo")),
+        (0 <= cfg.epsilon_low < 1, f"--epsilon-low must be in [0, 1), got {cfg.epsilon_low}"),
+        (cfg.epsilon_high >= 0, f"--epsilon-high must be >= 0, got {cfg.epsilon_high}"),
+        one_of("importance-sampling-level", cfg.importance_sampling_level, ("token", "sequence")),
+        (cfg.num_iterations >= 1, f"--num-iterations must be >= 1, got {cfg.num_iterations}"),
+        (cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}"),
+        one_of("kl-estimator", cfg.kl_estimator, ("k1", "k2", "k3")),
+        (cfg.max_resample >= 0, f"--max-resample must be >= 0, got {cfg.max_resample}"),
+        (0 <= cfg.overlong_cache <= cfg.max_new_tokens,
+         f"--overlong-cache must be in [0, --max-new-tokens {cfg.max_new_tokens}], got {cfg.overlong_cache}"),
+        (cfg.micro_batch >= 0, f"--micro-batch must be >= 0 (0 = the whole batch), got {cfg.micro_batch}"),
+        *[(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
+          for k in ("eval_n", "eval_every", "sample_every", "save_every")],
+        (cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}"),
+        one_of("kernels", cfg.kernels, kernels.MODES),
+        (bool(cfg.data) or cfg.task in rewards.TASKS, f"--task must be one of {', '.join(rewards.TASKS)}, got {cfg.task!r}"),
+    ]
+
+
 # -----------------------------------------------------------------------------
 # Rewards -> advantages
 
@@ -120,21 +160,35 @@ def resolve_reward_funcs(cfg):
         ["countdown" if cfg.task == "countdown" and not cfg.data else "accuracy", "format"])
     if cfg.overlong_cache > 0:
         names.append("soft_overlong")
-    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else (
-        [0.1 if n == "format" else 1.0 for n in names])
+    try:
+        weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else (
+            [0.1 if n == "format" else 1.0 for n in names])
+    except ValueError:
+        raise ConfigError(f"--reward-weights must be a comma list of numbers, got {cfg.reward_weights!r}") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"--reward-weights must be finite numbers, got {cfg.reward_weights!r}")
     if len(weights) != len(names):
-        raise ValueError(f"--reward-weights has {len(weights)} values for {len(names)} reward functions")
+        raise ConfigError(f"--reward-weights has {len(weights)} values for {len(names)} reward functions")
     funcs = []
     for n in names:
         if n == "soft_overlong":
             funcs.append(rewards.soft_overlong_punishment(cfg.max_new_tokens, cfg.overlong_cache))
         elif ":" in n:  # a function of your own: --reward-funcs accuracy,my_rewards:length_bonus
-            mod, fn = n.split(":")
-            funcs.append(getattr(importlib.import_module(mod), fn))
+            mod, _, fn = n.partition(":")
+            try:
+                f = getattr(importlib.import_module(mod), fn)
+            except ImportError as e:
+                raise ConfigError(f"--reward-funcs {n!r}: cannot import module {mod!r} ({e})") from None
+            except AttributeError:
+                raise ConfigError(f"--reward-funcs {n!r}: module {mod!r} has no {fn!r}") from None
+            if not callable(f):
+                raise ConfigError(f"--reward-funcs {n!r}: {fn!r} is not a function")
+            funcs.append(f)
         elif n in rewards.REWARD_FUNCS:
             funcs.append(rewards.REWARD_FUNCS[n])
         else:
-            raise ValueError(f"unknown reward function {n!r} (built in: {', '.join(rewards.REWARD_FUNCS)})")
+            raise ConfigError(f"--reward-funcs: unknown reward function {n!r} (built in: "
+                              f"{', '.join(rewards.REWARD_FUNCS)}; or module:function)")
     return names, funcs, weights
 
 
@@ -374,6 +428,7 @@ class Prompts:
 # -----------------------------------------------------------------------------
 
 def main(cfg):
+    check_flags(cfg, check_config)               # before anything is loaded or written
     torch.set_num_threads(cfg.threads)
     kernels.set_mode(cfg.kernels)
     device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op

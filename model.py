@@ -537,6 +537,28 @@ class ShuffledCycle:
 # CLI: one dataclass per script; its fields are the flags (dashes on the command line), its values
 # the defaults, each defined once.
 
+class ConfigError(ValueError):
+    """Flags out of range, of the wrong type, or in a combination that cannot work. Raised before
+    anything is loaded or written, so a failed start leaves a previous run in --out as it was."""
+
+
+def check_flags(cfg, problems):
+    """Raise one ConfigError listing every problem: each script's check_config passes the sentences
+    for the rules it broke (a list of (ok, sentence)). The field types are checked here for all of
+    them (a config built in Python bypasses argparse's conversions)."""
+    import dataclasses
+    types = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    bad = [f"--{f.name.replace('_', '-')} must be {f.type if isinstance(f.type, str) else f.type.__name__}, "
+           f"got {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+           if not isinstance(getattr(cfg, f.name), types.get(f.type, f.type))
+           or (f.type in (int, float, "int", "float") and isinstance(getattr(cfg, f.name), bool))]
+    if bad:  # the ranges below compare numbers: report the types alone first
+        raise ConfigError("; ".join(bad))
+    bad = [msg for ok, msg in problems(cfg) if not ok]
+    if bad:
+        raise ConfigError("; ".join(bad))
+
+
 def parse_config(cls, argv=None):
     import argparse
     import dataclasses

@@ -33,8 +33,8 @@ from tqdm import tqdm
 import dist
 import kernels
 import rewards
-from model import (ShuffledCycle, TooLong, check_text_or_messages, completion_hidden, encode_example,
-                   encode_prompt, load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything,
+from model import (TRUNCATION, ShuffledCycle, TooLong, check_flags, check_text_or_messages, completion_hidden,
+                   encode_example, encode_prompt, load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything,
                    set_rng_state, token_logprobs, trim_log, write_config)
 from rollout import generate
 
@@ -65,6 +65,27 @@ class SFTConfig:
     threads: int = 2             # torch CPU threads
     kernels: str = "auto"        # auto = Triton kernels on CUDA (kernels/), PyTorch elsewhere | off
     fsdp: bool = False           # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
+
+
+def check_config(cfg):
+    """Every flag's range, before anything is loaded or written."""
+    return [
+        (cfg.num_examples >= 1, f"--num-examples must be >= 1, got {cfg.num_examples}"),
+        (0 <= cfg.teacher_slip <= 1, f"--teacher-slip must be in [0, 1], got {cfg.teacher_slip}"),
+        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.max_length >= 2, f"--max-length must be >= 2 (a prompt token and the EOS), got {cfg.max_length}"),
+        (cfg.truncation in TRUNCATION, f"--truncation must be error or skip, got {cfg.truncation!r}"),
+        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
+        *[(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
+          for k in ("eval_n", "save_every")],
+        (cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}"),
+        (cfg.kernels in kernels.MODES, f"--kernels must be one of {', '.join(kernels.MODES)}, got {cfg.kernels!r}"),
+        (bool(cfg.data) or cfg.task in rewards.TASKS, f"--task must be one of {', '.join(rewards.TASKS)}, got {cfg.task!r}"),
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -182,6 +203,7 @@ def cosine_lr(step, warmup, total):
 # -----------------------------------------------------------------------------
 
 def main(cfg):
+    check_flags(cfg, check_config)               # before anything is loaded or written
     torch.set_num_threads(cfg.threads)
     kernels.set_mode(cfg.kernels)
     device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op

@@ -217,3 +217,35 @@ def test_a_fresh_run_replaces_the_logs_but_a_failing_one_keeps_them(tmp_path, sc
     main, cfg = config(script, good, out, steps=1)
     main(cfg)
     assert [json.loads(ln)["step"] for ln in open(log).read().splitlines()] == [1]
+
+
+# -----------------------------------------------------------------------------
+# Flags: every range and combination is checked before anything in --out is touched
+
+BAD_FLAGS = {
+    "sft": [dict(steps=0), dict(batch_size=0), dict(lr=-1.0), dict(max_length=0), dict(teacher_slip=2.0),
+            dict(threads=0), dict(steps="3"), dict(batch_size=2.5)],
+    "grpo": [dict(temperature=0.0), dict(num_prompts=0), dict(max_new_tokens=0), dict(top_k=-5),
+             dict(num_iterations=0), dict(num_generations=1), dict(top_p=0.0), dict(loss_type="ppo"),
+             dict(scale_rewards="std"), dict(overlong_cache=-1), dict(reward_weights="1,x"),
+             dict(reward_weights="nan"), dict(reward_funcs="no_such_module:f"),
+             dict(reward_funcs="toy_rewards:no_such_fn"), dict(reward_funcs="nope"), dict(lr=float("nan"))],
+    "dpo": [dict(beta=0.0), dict(temperature=0.0), dict(micro_batch=0), dict(num_generations=1),
+            dict(rounds=0), dict(loss="kto")],
+}
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo", "dpo"])
+def test_a_bad_flag_leaves_a_previous_run_untouched(tmp_path, script):
+    data = write(tmp_path / "d.jsonl", [GOOD[script]] * 3)
+    out = str(tmp_path / "out")
+    main, cfg = config(script, data, out, steps=1, **({"sample_every": 1} if script == "grpo" else {}))
+    main(cfg)
+    before = snapshot(out)
+    assert "run_config.json" in before and any(k.endswith("metrics.jsonl") for k in before)
+    for bad in BAD_FLAGS[script]:
+        for resume in (False, True):
+            main, cfg = config(script, data, out, resume=resume, **bad)
+            with pytest.raises(M.ConfigError, match="^--"):   # a sentence that names the flag
+                main(cfg)
+            assert snapshot(out) == before, bad
