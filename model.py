@@ -216,11 +216,24 @@ def load_state(out_dir):
 
 def trim_log(path, step):
     """On --resume: drop the lines a killed run logged for steps after its last checkpoint. Those steps
-    run again, so the log then reads as if the run had never stopped. Rewritten atomically."""
+    run again, so the log then reads as if the run had never stopped. Rewritten atomically.
+    A last line that is not whole JSON is a write cut short (a kill or a full disk mid-line): it is
+    dropped. Any other line that does not parse is damage this function cannot explain: an error."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        raw = [ln for ln in f if ln.strip()]
+    lines = []
+    for n, ln in enumerate(raw, 1):
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            if n == len(raw):
+                print(f"{path}: dropped a torn last line (a write cut short)")
+                break
+            raise DataError(f"{path}:{n}: not a JSON line; the log is damaged (fix or remove it to resume)") from None
+        if not isinstance(row, dict) or row.get("step", 0) <= step:
+            lines.append(ln if ln.endswith("\n") else ln + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
         f.flush()

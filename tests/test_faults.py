@@ -139,6 +139,33 @@ def test_trim_log_drops_steps_after_the_checkpoint(tmp_path):
     assert [r["step"] for r in metrics(path)] == [1, 2, 3]
 
 
+def test_trim_log_drops_a_torn_last_line_and_refuses_damage_inside(tmp_path):
+    path = tmp_path / "m.jsonl"
+    whole = "".join(json.dumps({"step": s}) + "\n" for s in (1, 2))
+    path.write_text(whole + '{"step": 3, "lo')                   # a write cut short (disk full, kill)
+    M.trim_log(str(path), 3)
+    assert path.read_text() == whole
+    path.write_text(whole + '{"step": 3}')                        # whole JSON, newline lost: appends stay lines
+    M.trim_log(str(path), 3)
+    assert path.read_text().endswith('{"step": 3}\n')
+    path.write_text('{"st\n' + whole)
+    with pytest.raises(M.DataError, match=r"m\.jsonl:1: not a JSON line"):
+        M.trim_log(str(path), 3)
+
+
+def test_sft_resumes_after_a_torn_metrics_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+2=", "completion": "3"}\n' * 4)
+    out = str(tmp_path / "out")
+    cfg = sft.SFTConfig(data=str(data), out=out, steps=2, batch_size=2, eval_n=0, threads=TEST_THREADS, save_every=1)
+    sft.main(cfg)
+    log = os.path.join(out, "sft_metrics.jsonl")
+    with open(log, "a") as f:
+        f.write('{"step": 3, "loss": 0.')
+    sft.main(sft.SFTConfig(**{**vars(cfg), "steps": 3, "resume": True}))
+    assert [r["step"] for r in metrics(log)] == [1, 2, 3]
+
+
 # -----------------------------------------------------------------------------
 # kill -9, then --resume: bitwise the uninterrupted run
 
