@@ -298,6 +298,22 @@ def load_optimizer_state(model, opt, state):
     set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
+def resume_optimizer(model, opt, sched, opt_state, sched_state):
+    """Load the saved AdamW moments and the schedule's position, but keep this run's hyperparameters (lr,
+    betas, weight decay: what the flags say and run_config.json records). The saved states carry the old
+    ones, so a --resume with a new --lr would otherwise train at the old lr. The current lr is then this
+    run's lr times the schedule at the saved step, as LambdaLR computes it (an unchanged --resume is
+    bitwise the uninterrupted run)."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    load_optimizer_state(model, opt, opt_state)
+    sched.load_state_dict(sched_state)
+    sched.base_lrs = [h["initial_lr"] for h in hyper]
+    for g, h, lam in zip(opt.param_groups, hyper, sched.lr_lambdas):
+        g.update(h)
+        g["lr"] = h["initial_lr"] * lam(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 def param_groups(model):
     """What AdamW takes: the parameters; for a sharded model two groups, the shards and the replicated
     rest, because AdamW's multi-tensor (foreach) path refuses a mix of DTensors and plain tensors."""

@@ -68,9 +68,9 @@ import dist
 import kernels
 import rewards
 import sft
-from model import (TRUNCATION, ShuffledCycle, TooLong, check_flags, check_text_or_messages, encode_example,
-                   encode_prompt, load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs,
-                   trim_log, write_config)
+from model import (TRUNCATION, ShuffledCycle, TooLong, check_flags, check_resume, check_text_or_messages,
+                   encode_example, encode_prompt, load, load_state, lock_out, parse_config, read_jsonl, rng_state,
+                   save, seed_everything, set_rng_state, token_logprobs, trim_log, write_config)
 from rollout import generate
 
 
@@ -110,6 +110,13 @@ class DPOConfig:
     threads: int = 2
     kernels: str = "auto"          # auto = the Triton log-prob kernel on CUDA (kernels/), PyTorch elsewhere | off
     fsdp: bool = False             # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
+
+
+# What a checkpoint was made with: --resume refuses to change these (model.check_resume), and --steps
+# with on-policy rounds (it sets where each round, with its pairs and reference, begins); any other
+# flag may change and is applied from the saved step on.
+RESUME_FIXED = ("model", "init", "data", "task", "loss", "batch_size", "max_length", "truncation", "rounds",
+                "num_prompts", "num_generations", "pairs_per_prompt", "eval_n", "seed", "fsdp")
 
 
 def check_config(cfg):
@@ -363,9 +370,15 @@ def main(cfg):
                          f"chat template; give --data pairs as plain strings, or a model with a template")
     stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)  # GRPO's prompt stream
     if dist.is_main():
-        write_config(cfg, cfg.out)
-    if cfg.resume:  # the weights of the last checkpoint (whole: sharded below)
+        lock_out(cfg.out)                        # one run at a time in OUT
+    if cfg.resume:  # every check before the first write; the weights of the last checkpoint (whole: sharded below)
+        st = load_state(cfg.out)
+        check_resume(cfg, st.get("config"), RESUME_FIXED + (() if cfg.data else ("steps",)))
+        if cfg.data:  # a file of another size cannot continue the saved position (start_round loads it)
+            ShuffledCycle(len(file_pairs), cfg.seed).load(st["data"]["pairs"])
         model.load_state_dict(load(cfg.out, where, dtype)[0].state_dict())
+    if dist.is_main():
+        write_config(cfg, cfg.out)
     if cfg.fsdp:
         model = dist.shard_model(model, device)
     opt = torch.optim.AdamW(dist.param_groups(model), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -374,9 +387,7 @@ def main(cfg):
     per_round = -(-cfg.steps // rounds)                               # steps per round (ceil)
     step, history, rounds_log, data_state = 0, [], [], None
     if cfg.resume:
-        st = load_state(cfg.out)
-        dist.load_optimizer_state(model, opt, st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+        dist.resume_optimizer(model, opt, sched, st["optimizer"], st["scheduler"])
         step, history, rounds_log, data_state = st["step"], st["history"], st["rounds"], st["data"]
         stream.seek(data_state["stream"])
         set_rng_state(st["rng_by_rank"][rank] if len(st.get("rng_by_rank", ())) == world else st["rng"])

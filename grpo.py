@@ -55,9 +55,10 @@ import kernels
 import dist
 import rewards
 import sft
-from model import (TRUNCATION, ConfigError, DataError, ShuffledCycle, TooLong, check_flags, check_text_or_messages,
-                   completion_hidden, encode_prompt, load, load_state, parse_config, read_jsonl, rng_state, save,
-                   seed_everything, set_rng_state, token_logprobs, trim_log, write_config)
+from model import (TRUNCATION, ConfigError, DataError, ShuffledCycle, TooLong, check_flags, check_resume,
+                   check_text_or_messages, completion_hidden, encode_prompt, load, load_state, lock_out, parse_config,
+                   read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs, trim_log,
+                   write_config)
 from rollout import Rollout, generate
 
 
@@ -110,6 +111,12 @@ class GRPOConfig:
     threads: int = 2
     kernels: str = "auto"          # auto = Triton kernels on CUDA (kernels/), PyTorch elsewhere | off
     fsdp: bool = False             # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
+
+
+# What a checkpoint was made with: --resume refuses to change these (model.check_resume); any other
+# flag may change (e.g. --steps to extend a run, --lr, --beta) and is applied from the saved step on.
+RESUME_FIXED = ("model", "init", "data", "task", "num_prompts", "num_generations", "max_prompt_length", "truncation",
+                "eval_n", "seed", "fsdp")
 
 
 def check_config(cfg):
@@ -463,7 +470,12 @@ def main(cfg):
     ref = None
     if cfg.beta != 0.0:  # a frozen copy of the starting policy; with beta = 0 none is kept
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-    if cfg.resume:  # the weights of the last checkpoint (whole: sharded below)
+    if dist.is_main():
+        lock_out(cfg.out)                        # one run at a time in OUT
+    if cfg.resume:  # every check before the first write; the weights of the last checkpoint (whole: sharded below)
+        st = load_state(cfg.out)
+        check_resume(cfg, st.get("config"), RESUME_FIXED)
+        prompts_src.load(st["data"])
         model.load_state_dict(load(cfg.out, where, dtype)[0].state_dict())
     if cfg.fsdp:  # the reference is sharded the same way (it is as large as the policy)
         model, ref = dist.shard_model(model, device), ref and dist.shard_model(ref, device)
@@ -473,11 +485,8 @@ def main(cfg):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     step, history = 0, []
     if cfg.resume:
-        st = load_state(cfg.out)
-        dist.load_optimizer_state(model, opt, st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+        dist.resume_optimizer(model, opt, sched, st["optimizer"], st["scheduler"])
         step, history = st["step"], st["history"]
-        prompts_src.load(st["data"])
         set_rng_state(st["rng_by_rank"][rank] if len(st.get("rng_by_rank", ())) == world else st["rng"])
     model.train()
 

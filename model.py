@@ -210,8 +210,51 @@ def load_state(out_dir):
     recover(out_dir)
     path = os.path.join(out_dir, "trainer_state", "state.pt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no training state at {path}")
+        raise FileNotFoundError(f"--resume: {out_dir} has no checkpoint yet (no {path}); run without --resume "
+                                f"to start a run there")
     return torch.load(path, weights_only=False)
+
+
+def check_resume(cfg, saved, fixed):
+    """--resume: this run's flags against those the checkpoint was saved with (its trainer state). A flag
+    in `fixed` (what the weights, the data position or the random streams were made with) must not
+    change: ConfigError, before anything is written. Any other change is applied from the saved step on,
+    and printed; run_config.json then records it, and it is true (the scripts keep the flags' optimizer
+    hyperparameters over the saved ones: dist.resume_optimizer)."""
+    if saved is None:
+        return
+    flag = lambda k: "--" + k.replace("_", "-")
+    changed = {k: (saved.get(k), v) for k, v in vars(cfg).items() if k != "resume" and saved.get(k) != v}
+    refused = [f"{flag(k)} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in fixed]
+    if refused:
+        raise ConfigError(f"--resume cannot change {', '.join(refused)}: the checkpoint in {cfg.out} was made with "
+                          f"the saved value (trainer_state); resume with it, or start a new --out")
+    if changed:
+        print("--resume with changed flags, applied from the saved step on: " +
+              ", ".join(f"{flag(k)} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
+_locks = {}
+
+
+def lock_out(out_dir):
+    """Hold an exclusive lock on out_dir for the life of this process: a second run into the same
+    directory (which would interleave its logs and checkpoints with this one's) fails at once. flock is
+    released by the kernel when the process ends, however it ends; a later run in this same process
+    (tests, grpo.py's cold start) reuses the lock it holds."""
+    import fcntl
+    key = os.path.realpath(out_dir)
+    if key in _locks:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RuntimeError(f"{out_dir} is in use by another run (it holds {out_dir}/.lock); wait for it to end, "
+                           f"or use another --out") from None
+    _locks[key] = f
 
 
 def trim_log(path, step):
@@ -539,9 +582,14 @@ class ShuffledCycle:
         return out
 
     def state(self):
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n}
 
     def load(self, s):
+        # the saved position indexes an order of n rows: rows of another count are other data
+        n = s.get("n", max(self.n, s["pos"]))
+        if n != self.n:
+            raise ConfigError(f"--resume: the data has {self.n} rows, the checkpoint was trained on {n} (at row "
+                              f"{s['pos']} of epoch {s['epoch']}); resume with the same data, or start a new --out")
         self.epoch, self.pos = s["epoch"], s["pos"]
         self.order = self._order()
 

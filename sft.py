@@ -33,9 +33,10 @@ from tqdm import tqdm
 import dist
 import kernels
 import rewards
-from model import (TRUNCATION, ShuffledCycle, TooLong, check_flags, check_text_or_messages, completion_hidden,
-                   encode_example, encode_prompt, load, load_state, parse_config, read_jsonl, rng_state, save, seed_everything,
-                   set_rng_state, token_logprobs, trim_log, write_config)
+from model import (TRUNCATION, ShuffledCycle, TooLong, check_flags, check_resume, check_text_or_messages,
+                   completion_hidden, encode_example, encode_prompt, load, load_state, lock_out, parse_config,
+                   read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs, trim_log,
+                   write_config)
 from rollout import generate
 
 
@@ -65,6 +66,12 @@ class SFTConfig:
     threads: int = 2             # torch CPU threads
     kernels: str = "auto"        # auto = Triton kernels on CUDA (kernels/), PyTorch elsewhere | off
     fsdp: bool = False           # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
+
+
+# What a checkpoint was made with: --resume refuses to change these (model.check_resume); any other
+# flag may change (e.g. --steps to extend a run, --lr) and is applied from the saved step on.
+RESUME_FIXED = ("model", "data", "task", "num_examples", "teacher_slip", "batch_size", "max_length", "truncation",
+                "eval_n", "seed", "fsdp")
 
 
 def check_config(cfg):
@@ -212,22 +219,23 @@ def main(cfg):
     where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
     model, tok = load(cfg.model, where, dtype, seed=cfg.seed)
     examples = load_examples(cfg, tok)  # every row is checked before the first step
+    step, data, st = 0, ShuffledCycle(len(examples), cfg.seed), None
+    if dist.is_main():
+        lock_out(cfg.out)                        # one run at a time in OUT
+    if cfg.resume:                               # every check before the first write
+        st = load_state(cfg.out)
+        check_resume(cfg, st.get("config"), RESUME_FIXED)
+        data.load(st["data"])
+        model, tok = load(cfg.out, where, dtype)  # the weights of the last checkpoint (whole: sharded below)
     if dist.is_main():
         write_config(cfg, cfg.out)
-    st = None
-    if cfg.resume:
-        st = load_state(cfg.out)
-        model, tok = load(cfg.out, where, dtype)  # the weights of the last checkpoint (whole: sharded below)
     if cfg.fsdp:
         model = dist.shard_model(model, device)
     opt = torch.optim.AdamW(dist.param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.warmup, cfg.steps))
-    step, data = 0, ShuffledCycle(len(examples), cfg.seed)
     if st is not None:
-        dist.load_optimizer_state(model, opt, st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+        dist.resume_optimizer(model, opt, sched, st["optimizer"], st["scheduler"])
         step = st["step"]
-        data.load(st["data"])
         set_rng_state(st["rng"])
     model.train()
 

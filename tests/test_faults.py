@@ -182,7 +182,7 @@ def test_sft_sigkill_then_resume_is_bitwise_identical(tmp_path):
     sft.main(sft.SFTConfig(out=b, resume=True, **kw))
     assert same_weights(a, b), (logged, delay, st["step"])
     sa, sb = M.load_state(a), M.load_state(b)
-    assert sa["data"] == sb["data"] == {"epoch": 4, "pos": 8}
+    assert sa["data"] == sb["data"] == {"epoch": 4, "pos": 8, "n": 8}
     assert all(torch.equal(x, y) for x, y in zip(sa["rng"]["torch"], sb["rng"]["torch"]))
     for x, y in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert torch.equal(x["exp_avg"], y["exp_avg"]) and torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
@@ -290,3 +290,59 @@ def test_k3_and_log_ratio_are_clamped_as_verl():
     loss, st = grpo.per_token_loss(torch.tensor([[100.0]]), torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1),
                                    0.2, 0.28)
     assert st["ratio"].item() == pytest.approx(math.exp(20.0), rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# --resume with other flags; two runs into one OUT
+
+def test_resume_refuses_what_the_checkpoint_was_made_with(tmp_path):
+    from test_bad_input import GOOD, config, snapshot, write
+    data = write(tmp_path / "d.jsonl", [GOOD["sft"]] * 4)
+    out = str(tmp_path / "out")
+    main, cfg = config("sft", data, out)
+    main(cfg)
+    before = snapshot(out)
+    for bad in (dict(seed=1), dict(batch_size=4), dict(max_length=100), dict(model=out)):
+        main, cfg = config("sft", data, out, resume=True, steps=3, **bad)
+        with pytest.raises(M.ConfigError, match="--resume cannot change --"):
+            main(cfg)
+        assert snapshot(out) == before, bad
+    # a file with fewer rows than the saved position: a sentence, before anything is written
+    main, cfg = config("sft", write(tmp_path / "d.jsonl", [GOOD["sft"]] * 2), out, resume=True, steps=3)
+    with pytest.raises(M.ConfigError, match="the data has 2 rows, the checkpoint was trained on 4"):
+        main(cfg)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo"])
+def test_resume_applies_a_new_lr_and_records_it(tmp_path, script, capsys):
+    """The optimizer state would bring the old lr back while run_config.json recorded the new one."""
+    from test_bad_input import GOOD, config, write
+    data = write(tmp_path / "d.jsonl", [GOOD[script]] * 4)
+    out = str(tmp_path / "out")
+    main, cfg = config(script, data, out, lr=1e-3)
+    main(cfg)
+    main, cfg = config(script, data, out, lr=4e-3, steps=3, resume=True)
+    main(cfg)
+    printed = capsys.readouterr().out
+    assert "--lr 0.001 -> 0.004" in printed and "--steps 2 -> 3" in printed
+    name, key = ("sft_metrics.jsonl", "lr") if script == "sft" else ("metrics.jsonl", "learning_rate")
+    last = metrics(os.path.join(out, name))[-1]
+    want = 4e-3 * (sft.cosine_lr(3, 1, 3) if script == "sft" else 1.0)   # grpo: warmup 0, constant
+    assert last["step"] == 3 and last[key] == pytest.approx(want, rel=1e-12)
+    assert json.load(open(os.path.join(out, "run_config.json")))["lr"] == 4e-3
+
+
+def test_a_second_run_into_a_locked_out_fails_at_once(tmp_path):
+    import fcntl
+    from test_bad_input import GOOD, config, snapshot, write
+    data = write(tmp_path / "d.jsonl", [GOOD["sft"]] * 4)
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    with open(os.path.join(out, ".lock"), "w") as held:     # another run's lock (its own open file)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        main, cfg = config("sft", data, out)
+        with pytest.raises(RuntimeError, match="is in use by another run"):
+            main(cfg)
+        assert snapshot(out) == {".lock": snapshot(out)[".lock"]}   # nothing else written
+    main(cfg)                                                # released: the run goes ahead

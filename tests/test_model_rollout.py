@@ -416,7 +416,7 @@ def test_shuffled_cycle_epochs_and_resume():
     assert sorted(first) == list(range(5))
     a.take(3)
     st = a.state()
-    assert st == {"epoch": 1, "pos": 3}
+    assert st == {"epoch": 1, "pos": 3, "n": 5}
     rest = a.take(9)
     b = M.ShuffledCycle(5, seed=3)
     b.load(st)
