@@ -17,3 +17,8 @@ def counted(prompts, completions, completion_ids=None, **kw):
     'calls' per call, and 'scored': the number of completions."""
     import rewards
     return rewards.Rewards(digit_fraction(prompts, completions), {"calls": 1, "scored": len(completions)})
+
+
+def starts_with(prompts, completions, answer=None, **kw):
+    """1 if the completion starts with the row's `answer` (a non-empty string), else 0."""
+    return [1.0 if a and c.startswith(a) else 0.0 for c, a in zip(completions, answer)]

@@ -1,0 +1,162 @@
+"""Evaluation of any saved model on any task: greedy accuracy, and pass@k / mean@k from k samples per
+prompt, scored by the same reward functions that training uses.
+
+    python evaluate.py --model runs/grpo                                   # the built-in task's held-out set
+    python evaluate.py --model DIR --data eval.jsonl                       # your task: TRL-format prompts
+    python evaluate.py --model DIR --data eval.jsonl --samples 8 --temperature 1.0   # + pass@1..8, mean@8
+    python evaluate.py --model DIR --data eval.jsonl --reward my_rewards:exact       # your success criterion
+
+Data: JSONL rows {"prompt": str | [messages], <the columns the reward reads>}, e.g. {"prompt": ...,
+"answer": "42"} for `accuracy`: the GRPO prompt format, so a held-out split of the GRPO file works as it is.
+
+The score of a completion is the reward function's value (`--reward`: a rewards.REWARD_FUNCS name or
+module:function; default: the built-in task's checker, `accuracy` for --data). A completion *passes*
+when it scores full marks (>= 1: a right answer; for code_reward every test). A reward that abstains
+(None) counts as 0: an unscored sample is not a success.
+
+- accuracy: the mean score of the greedy completion (one per prompt);
+- mean@k:  the mean score over k samples per prompt at --temperature;
+- pass@k:  the chance that at least one of k samples passes, with the unbiased estimator of Chen et al.
+           2021 (HumanEval) from n = k samples of which c pass: 1 - C(n-c, k) / C(n, k), averaged over
+           prompts, for every k' = 1, 2, 4, ..., k. pass@1 equals the mean pass rate of the samples.
+
+Writes nothing unless --out is given: then OUT/eval_result.json (the numbers) and OUT/eval_samples.jsonl
+(every prompt's greedy completion and score).
+"""
+import importlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+import rewards
+from model import TooLong, check_text_or_messages, encode_prompt, load, read_jsonl
+from rollout import generate
+
+
+@dataclass
+class EvalConfig:
+    model: str = "runs/grpo"     # a saved run directory (any local HF causal LM) or "tiny"
+    data: str = ""               # JSONL prompts + reward columns; empty = the built-in --task's held-out set
+    task: str = "add"            # built-in task (rewards.TASKS), when --data is empty
+    n: int = 500                 # built-in: held-out problems (the set sft/grpo/dpo report on)
+    reward: str = ""             # success criterion; empty = the task's checker (accuracy for --data)
+    samples: int = 0             # k > 0: also k samples per prompt -> pass@k, mean@k
+    temperature: float = 1.0     # for the samples
+    max_new_tokens: int = 48
+    max_prompt_length: int = 512
+    batch_size: int = 256        # prompts per generate call
+    out: str = ""                # write eval_result.json + eval_samples.jsonl here
+    device: str = "cpu"
+    seed: int = 0
+    threads: int = 2
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c passes (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as the
+    product prod_{i=n-c+1}^{n} (1 - k / i), which never forms the large binomials."""
+    if n - c < k:
+        return 1.0
+    p = 1.0
+    for i in range(n - c + 1, n + 1):
+        p *= 1.0 - k / i
+    return 1.0 - p
+
+
+def resolve_reward(name, task, builtin):
+    """The success criterion as a reward function f(prompts, completions, **columns)."""
+    if not name:
+        name = "countdown" if builtin and task == "countdown" else "accuracy"
+    if ":" in name:   # a function of your own: my_rewards:exact
+        mod, fn = name.split(":")
+        return name, getattr(importlib.import_module(mod), fn)
+    if name not in rewards.REWARD_FUNCS:
+        raise ValueError(f"--reward {name!r}: unknown (built in: {', '.join(rewards.REWARD_FUNCS)}; or module:function)")
+    return name, rewards.REWARD_FUNCS[name]
+
+
+def load_rows(cfg, tok):
+    """Eval rows {"prompt", columns...}: the built-in held-out problems, or the checked JSONL rows (any
+    bad row stops with file:line)."""
+    if not cfg.data:
+        return [p.row() for p in rewards.held_out(cfg.task, cfg.n)]
+
+    def check(row):
+        check_text_or_messages(row, "prompt")
+        n = len(encode_prompt(tok, row["prompt"]))
+        if n > cfg.max_prompt_length:
+            raise TooLong(f"prompt has {n} tokens > --max-prompt-length {cfg.max_prompt_length}")
+    return read_jsonl(cfg.data, check)
+
+
+def score(reward_fn, rows, completions, k=1):
+    """Scores (len(rows) * k floats) of completions laid out row by row, k per row; None/NaN -> 0."""
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    cols = {c: [r.get(c) for r in rows for _ in range(k)] for c in {c for r in rows for c in r} - {"prompt"}}
+    values = list(reward_fn(prompts, completions, **cols))
+    if len(values) != len(completions):
+        raise ValueError(f"the reward returned {len(values)} values for {len(completions)} completions")
+    out = []
+    for v in values:
+        x = 0.0 if v is None else float(v)
+        out.append(x if x == x else 0.0)   # NaN: abstained
+    return out
+
+
+@torch.no_grad()
+def complete(model, tok, rows, k, max_new_tokens, temperature, batch_size, greedy):
+    """Decoded completions, row by row, k per row (greedy: k = 1)."""
+    model.eval()
+    prompts = [encode_prompt(tok, r["prompt"]) for r in rows for _ in range(k)]
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        r = generate(model, tok, prompts[i:i + batch_size], max_new_tokens, temperature, greedy=greedy)
+        out += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
+    return out
+
+
+def evaluate(model, tok, rows, reward_fn, max_new_tokens=48, samples=0, temperature=1.0, batch_size=256):
+    """The numbers (module docstring) and the greedy completions with their scores."""
+    greedy = complete(model, tok, rows, 1, max_new_tokens, 1.0, batch_size, greedy=True)
+    scores = score(reward_fn, rows, greedy)
+    result = {"accuracy": sum(scores) / len(scores), "n": len(rows)}
+    if samples:
+        comps = complete(model, tok, rows, samples, max_new_tokens, temperature, batch_size, greedy=False)
+        s = score(reward_fn, rows, comps, samples)                                     # (n_rows * k,)
+        per_row = [s[i * samples:(i + 1) * samples] for i in range(len(rows))]
+        passes = [sum(x >= 1.0 for x in r) for r in per_row]
+        result[f"mean@{samples}"] = sum(s) / len(s)
+        ks = sorted({2 ** j for j in range(samples.bit_length()) if 2 ** j <= samples} | {samples})
+        for k in ks:
+            result[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in passes) / len(rows)
+        result["temperature"] = temperature
+    return result, list(zip(rows, greedy, scores))
+
+
+def main(cfg):
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if cfg.samples < 0 or cfg.n < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1 or not cfg.temperature > 0:
+        raise ValueError("--samples must be >= 0, --n, --max-new-tokens and --batch-size >= 1, --temperature > 0")
+    name, reward_fn = resolve_reward(cfg.reward, cfg.task, not cfg.data)
+    model, tok = load(cfg.model, cfg.device, torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32)
+    rows = load_rows(cfg, tok)
+    result, greedy = evaluate(model, tok, rows, reward_fn, cfg.max_new_tokens, cfg.samples, cfg.temperature,
+                              cfg.batch_size)
+    result.update({"model": cfg.model, "data": cfg.data or f"built-in {cfg.task} held-out", "reward": name})
+    print(json.dumps(result))
+    if cfg.out:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "eval_result.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(cfg.out, "eval_samples.jsonl"), "w") as f:
+            for row, completion, s in greedy:
+                f.write(json.dumps({"prompt": rewards._prompt_text(row["prompt"]), "completion": completion,
+                                    "score": s}) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    from model import parse_config
+    main(parse_config(EvalConfig))
