@@ -515,6 +515,7 @@ def main(cfg):
     log = open(os.path.join(logs, "metrics.jsonl") if logs else os.devnull, mode)
     samples_log = open(os.path.join(logs, "samples.jsonl") if logs else os.devnull, mode)
     bar = tqdm(total=cfg.steps, initial=step, desc="grpo", dynamic_ncols=True, disable=not dist.is_main())
+    zero_std, warned = [], False   # frac_reward_zero_std of each step of this process: is there a signal?
     while step < cfg.steps:
         t0 = time.time()
         # ---- rollout + rewards (+ dynamic sampling) ---------------------------------------------
@@ -633,6 +634,11 @@ def main(cfg):
                 dist.all_sum(seen_groups)
         if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["held_out_accuracy"] = evaluate()[0]
+        zero_std.append(metrics["frac_reward_zero_std"])
+        warning = no_signal_warning(zero_std) if not warned else None
+        if warning and dist.is_main():
+            tqdm.write(warning, file=sys.stderr)
+        warned = warned or warning is not None
         log.write(json.dumps(metrics) + "\n")
         log.flush()
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}",
@@ -659,6 +665,18 @@ def main(cfg):
     log.close()
     samples_log.close()
     return model, tok, summary
+
+
+def no_signal_warning(zero_std, window=5, level=0.95):
+    """A sentence when, over the last `window` steps, at least `level` of the groups had identical rewards
+    every step (frac_reward_zero_std): their advantages are 0, so GRPO learns (almost) nothing and would
+    otherwise finish silently. None while there is signal."""
+    if len(zero_std) < window or min(zero_std[-window:]) < level:
+        return None
+    return (f"warning: no learning signal: in each of the last {window} steps at least {level:.0%} of the groups "
+            f"had identical rewards (frac_reward_zero_std {sum(zero_std[-window:]) / window:.2f}), so their "
+            f"advantages are 0. The policy almost never solves these prompts (or always does). Try a cold start "
+            f"(sft.py), a larger --num-generations, easier prompts, or a denser reward.")
 
 
 def _nanstd(x):

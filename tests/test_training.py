@@ -288,6 +288,19 @@ def test_grpo_logs_the_counts_a_reward_function_reports(tmp_path):
     assert [m[f"rewards/{name}/scored"] for m in ms] == [16, 16]          # 4 prompts x 4 completions
 
 
+def test_grpo_says_when_there_is_no_learning_signal(tmp_path, capsys):
+    """From the untrained model every group scores 0 on the built-in task (frac_reward_zero_std = 1 at
+    every step): the run says so on stderr after 5 steps, once. A run with a dense reward, whose groups
+    always differ, does not."""
+    grpo.main(quiet_grpo(out=str(tmp_path / "a"), steps=6))
+    err = capsys.readouterr().err
+    assert err.count("warning: no learning signal") == 1, err[-2000:]
+    assert grpo.no_signal_warning([1.0] * 4) is None and grpo.no_signal_warning([1.0] * 4 + [0.9]) is None
+    assert grpo.no_signal_warning([0.5] + [0.96] * 5) is not None
+    grpo.main(quiet_grpo(out=str(tmp_path / "b"), steps=6, reward_funcs="toy_rewards:first_char"))
+    assert "no learning signal" not in capsys.readouterr().err
+
+
 def test_grpo_missing_init_dir(tmp_path):
     """A non-default --init that does not exist is an error; nothing is trained."""
     out = str(tmp_path / "out")
