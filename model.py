@@ -15,6 +15,8 @@ the whole batch (B*T*V floats: 64*512*151936*4 bytes = 20 GB for Qwen2.5-0.5B) n
 own forward applies it (`output_head`: a bias, a logit scale, Gemma's soft cap), and `load` checks that
 on every model, so the log-probs trained on are those the model samples from.
 """
+import errno
+import hashlib
 import json
 import os
 import random
@@ -102,6 +104,7 @@ def load(path="tiny", device="cpu", dtype=None, seed=0):
         raise FileNotFoundError(f"model path {path!r} is not a local directory (nothing is downloaded; "
                                 f"use 'tiny' for the built-in model)")
     recover(path)  # a checkpoint swap cut short by a crash is completed first (see save)
+    verify_checksums(path, state=False)
     tok = AutoTokenizer.from_pretrained(path)
     check_tokenizer(tok, path)
     attention = attention_implementation(AutoConfig.from_pretrained(path), path)
@@ -178,19 +181,66 @@ def save(model, tok, out_dir, state=None, weights=None):
     os.makedirs(out_dir, exist_ok=True)
     recover(out_dir)
     tmp = os.path.join(out_dir, TMP)
-    unwrapped = getattr(model, "module", model)  # DDP wraps the model
-    unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-    tok.save_pretrained(tmp)
-    if state is not None:
-        os.makedirs(os.path.join(tmp, "trainer_state"))
-        torch.save(state, os.path.join(tmp, "trainer_state", "state.pt"))
-    for root, _, files in os.walk(tmp):   # on disk before the commit, not just in the page cache
-        for f in files:
-            _fsync(os.path.join(root, f))
-        _fsync(root)
+    try:
+        unwrapped = getattr(model, "module", model)  # DDP wraps the model
+        unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        tok.save_pretrained(tmp)
+        if state is not None:
+            os.makedirs(os.path.join(tmp, "trainer_state"))
+            torch.save(state, os.path.join(tmp, "trainer_state", "state.pt"))
+        write_checksums(tmp)
+        for root, _, files in os.walk(tmp):   # on disk before the commit, not just in the page cache
+            for f in files:
+                _fsync(os.path.join(root, f))
+            _fsync(root)
+    except (OSError, RuntimeError) as e:      # torch.save reports a full disk as "unexpected pos ..."
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(out_dir).free < 64 << 20
+        shutil.rmtree(tmp, ignore_errors=True)   # frees what it took; the last checkpoint was never touched
+        raise OSError(f"{out_dir}: could not write the checkpoint" + (": the disk is full" if full else "") +
+                      f" ({type(e).__name__}: {e}). The previous checkpoint there is intact.") from e
     os.replace(tmp, os.path.join(out_dir, READY))   # the commit point
     _fsync(out_dir)
     recover(out_dir)
+
+
+# Each checkpoint lists the sha256 of its files in checksums.json, so that bit damage on disk (a bad
+# sector, a partial copy) is refused at load instead of training on quietly. load() checks the model
+# files, load_state() the training state. A directory without the list (any HF model) is not checked.
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(ckpt_dir):
+    sums = {os.path.relpath(os.path.join(root, f), ckpt_dir): _sha256(os.path.join(root, f))
+            for root, _, files in os.walk(ckpt_dir) for f in files}
+    with open(os.path.join(ckpt_dir, CHECKSUMS), "w") as f:
+        json.dump(sums, f, indent=1, sort_keys=True)
+
+
+def verify_checksums(ckpt_dir, state):
+    """Check the files of the checkpoint in ckpt_dir against its checksums.json: those under
+    trainer_state/ (state=True) or the others (the model and tokenizer files)."""
+    path = os.path.join(ckpt_dir, CHECKSUMS)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        sums = json.load(f)
+    for name, want in sums.items():
+        if name.startswith("trainer_state" + os.sep) != state:
+            continue
+        file = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(file):
+            raise OSError(f"{file}: missing from the checkpoint (listed in {path})")
+        if _sha256(file) != want:
+            raise OSError(f"{file}: damaged (its sha256 differs from the one saved with it in {path}); "
+                          f"refusing to load it")
 
 
 def rng_state():
@@ -212,6 +262,7 @@ def load_state(out_dir):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: {out_dir} has no checkpoint yet (no {path}); run without --resume "
                                 f"to start a run there")
+    verify_checksums(out_dir, state=True)
     return torch.load(path, weights_only=False)
 
 

@@ -132,6 +132,39 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiny, monke
     assert all(torch.equal(w2[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_full_disk_during_a_save_is_said_in_words(tmp_path, tiny, monkeypatch):
+    import errno
+    model, tok = tiny
+    out = str(tmp_path / "ckpt")
+    M.save(model, tok, out, {"step": 1})
+    before = {f: open(os.path.join(out, f), "rb").read() for f in ("model.safetensors", "checksums.json")}
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(M.torch, "save", full)
+    with pytest.raises(OSError, match="could not write the checkpoint: the disk is full .* previous checkpoint "
+                                      "there is intact"):
+        M.save(model, tok, out, {"step": 2})
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(out, M.TMP))          # the partial one is gone (its space too)
+    assert all(open(os.path.join(out, f), "rb").read() == b for f, b in before.items())
+    assert M.load_state(out)["step"] == 1
+
+
+def test_bit_damage_in_a_checkpoint_is_refused_at_load(tmp_path, tiny):
+    model, tok = tiny
+    out = str(tmp_path / "ckpt")
+    M.save(model, tok, out, {"step": 1})
+    M.load(out), M.load_state(out)                               # whole: both load
+    for name, loader in (("model.safetensors", M.load), (os.path.join("trainer_state", "state.pt"), M.load_state)):
+        path = os.path.join(out, name)
+        data = bytearray(open(path, "rb").read())
+        data[-100] ^= 1                                           # one bit, inside the tensor data
+        open(path, "wb").write(bytes(data))
+        with pytest.raises(OSError, match="damaged"):
+            loader(out)
+
+
 def test_trim_log_drops_steps_after_the_checkpoint(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6)))
