@@ -68,9 +68,10 @@ import dist
 import kernels
 import rewards
 import sft
-from model import (TRUNCATION, ShuffledCycle, TooLong, check_flags, check_resume, check_text_or_messages,
-                   encode_example, encode_prompt, load, load_state, lock_out, parse_config, read_jsonl, rng_state,
-                   save, seed_everything, set_rng_state, token_logprobs, trim_log, write_config)
+from model import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_flags, check_resume,
+                   check_text_or_messages, context_length, encode_example, encode_prompt, load, load_state,
+                   lock_out, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state,
+                   token_logprobs, trim_log, write_config)
 from rollout import generate
 
 
@@ -273,15 +274,23 @@ def split_prompt(row):
     return c[:n], c[n:], r[n:]
 
 
-def encode_pair(tok, row, max_length):
-    """A JSONL row -> Pair of token ids; model.encode_example does the templating (no double BOS/EOS)."""
+def encode_pair(tok, row, max_length, context=None):
+    """A JSONL row -> Pair of token ids; model.encode_example does the templating (no double BOS/EOS).
+    Within --max-length and the model's context (max_position_embeddings); the text is checked first
+    (model.check_data_text); a pair whose two completions are the same teaches nothing: refused."""
     prompt, chosen, rejected = split_prompt(row)
+    for c in (chosen, rejected):
+        check_data_text(tok, prompt, c, max_tokens=max_length, limit="--max-length")
     p, c = encode_example(tok, prompt, chosen)
     p2, r = encode_example(tok, prompt, rejected)
     assert p == p2
+    if c == r:
+        raise ValueError("'chosen' and 'rejected' are the same completion (h = 0: the pair trains nothing)")
     n = len(p) + max(len(c), len(r))
     if n > max_length:
         raise TooLong(f"pair has {n} tokens > --max-length {max_length}")
+    if context is not None and n > context:
+        raise TooLong(f"pair has {n} tokens > the model's context of {context} positions (max_position_embeddings)")
     return Pair(p, c, r)
 
 
@@ -364,7 +373,9 @@ def main(cfg):
     file_pairs = None
     if cfg.data:  # every row is checked and tokenized here, before anything is written
         file_pairs = []
-        read_jsonl(cfg.data, lambda row: file_pairs.append(encode_pair(tok, row, cfg.max_length)), cfg.truncation)
+        context = context_length(model)
+        read_jsonl(cfg.data, lambda row: file_pairs.append(encode_pair(tok, row, cfg.max_length, context)),
+                   cfg.truncation)
     elif not getattr(tok, "chat_template", None):  # on-policy prompts are conversational
         raise ValueError(f"{start}: the built-in task's prompts are conversational and this tokenizer has no "
                          f"chat template; give --data pairs as plain strings, or a model with a template")

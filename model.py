@@ -540,6 +540,10 @@ def read_jsonl(path, check, truncation="error"):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: JSON nested too deeply to read") from None
+            except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
+                raise DataError(f"{path}:{n}: unreadable JSON ({e})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             try:
@@ -551,6 +555,8 @@ def read_jsonl(path, check, truncation="error"):
                 continue
             except (ValueError, TypeError, KeyError) as e:
                 raise DataError(f"{path}:{n}: {e}") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: JSON nested too deeply to check") from None
             rows.append(row)
     if too_long:
         print(f"{path}: skipped {too_long} of {len(rows) + too_long} rows over the length limit (--truncation skip)")
@@ -583,9 +589,43 @@ def check_text_or_messages(row, field, last_role=None):
         raise ValueError(f"field {field!r}[{len(v) - 1}]: the final {last_role!r} message is empty")
 
 
+def _texts(x):
+    """The data text of a field: the string, or each message's content."""
+    return [x] if isinstance(x, str) else [m["content"] for m in x]
+
+
+_token_chars = {}
+
+
+def check_data_text(tok, *fields, max_tokens=None, limit="the length limit"):
+    """Data text stays text. A special token's text inside it (an EOS inside a completion, pad text, a
+    role token inside user content) would be read as that token by the tokenizer, and by the chat
+    template, which renders content to text before it is tokenised: the model would be trained not to
+    stop, or on a turn the data never had. Such a row is refused, naming the token; it is not split into
+    characters, because after templating content can no longer be told apart from structure.
+    With max_tokens: text that surely has more tokens than that is refused (TooLong) before it is
+    tokenised, so a 50 MB line costs a length check, not minutes and GBs: no token covers more
+    characters than its vocabulary entry has (byte-level BPE: one per byte, each byte >= 1 character)."""
+    key = id(tok)
+    if key not in _token_chars:  # (tok kept alive beside its id, so the id cannot be reused)
+        special = {t.content for t in tok.added_tokens_decoder.values() if t.special} | set(tok.all_special_tokens)
+        _token_chars[key] = (tok, sorted(special), max(map(len, tok.get_vocab())))
+    _, special, per_token = _token_chars[key]
+    texts = [t for f in fields for t in _texts(f)]
+    chars = sum(map(len, texts))
+    if max_tokens is not None and chars > max_tokens * per_token:
+        raise TooLong(f"{chars} characters: more than {max_tokens} tokens however tokenised > {limit} {max_tokens}")
+    for t in texts:
+        for s in special:
+            if s in t:
+                raise ValueError(f"the text contains {s!r}, a special token of this tokenizer: data text must not "
+                                 f"become structure (remove it, or spell it differently)")
+
+
 def encode_prompt(tok, prompt):
     """Prompt ids: conversational prompts through the chat template with the generation prompt,
-    standard strings as they are (with the tokenizer's own BOS, if it has one)."""
+    standard strings as they are (with the tokenizer's own BOS, if it has one). The text must have
+    passed check_data_text (read_jsonl's checks call it) for its special tokens to be structure only."""
     if isinstance(prompt, list):
         return chat_ids(tok, prompt, add_generation_prompt=True)
     return tok(prompt).input_ids
@@ -604,9 +644,15 @@ def encode_example(tok, prompt, completion):
         c = full[len(p):]
     else:
         c = tok(completion, add_special_tokens=False).input_ids
-    if tok.eos_token_id not in c:
+    if tok.eos_token_id not in c:  # (after check_data_text, an EOS in c is the template's own)
         c = c + [tok.eos_token_id]
     return p, c
+
+
+def context_length(model):
+    """The most positions the model was built for (max_position_embeddings), or None if it does not say."""
+    m = getattr(model, "module", model)
+    return getattr(m.config.get_text_config(), "max_position_embeddings", None)
 
 
 class ShuffledCycle:

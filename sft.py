@@ -33,10 +33,10 @@ from tqdm import tqdm
 import dist
 import kernels
 import rewards
-from model import (TRUNCATION, ShuffledCycle, TooLong, check_flags, check_resume, check_text_or_messages,
-                   completion_hidden, encode_example, encode_prompt, load, load_state, lock_out, parse_config,
-                   read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs, trim_log,
-                   write_config)
+from model import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_flags, check_resume,
+                   check_text_or_messages, completion_hidden, context_length, encode_example, encode_prompt,
+                   load, load_state, lock_out, parse_config, read_jsonl, rng_state, save, seed_everything,
+                   set_rng_state, token_logprobs, trim_log, write_config)
 from rollout import generate
 
 
@@ -108,22 +108,29 @@ def check_sft_row(row):
         check_text_or_messages(row, "completion")
 
 
-def encode_checked(tok, prompt, completion, max_length):
+def encode_checked(tok, prompt, completion, max_length, context=None):
+    """(prompt_ids, completion_ids) of a row within --max-length and the model's context (its
+    max_position_embeddings), its text checked first (model.check_data_text: no special-token text, no
+    tokenising of text that is surely too long)."""
+    check_data_text(tok, prompt, completion, max_tokens=max_length, limit="--max-length")
     ids = encode_example(tok, prompt, completion)
-    if len(ids[0]) + len(ids[1]) > max_length:
-        raise TooLong(f"{len(ids[0]) + len(ids[1])} tokens > --max-length {max_length}")
+    n = len(ids[0]) + len(ids[1])
+    if n > max_length:
+        raise TooLong(f"{n} tokens > --max-length {max_length}")
+    if context is not None and n > context:
+        raise TooLong(f"{n} tokens > the model's context of {context} positions (max_position_embeddings)")
     return ids
 
 
-def load_examples(cfg, tok):
+def load_examples(cfg, tok, context=None):
     """List of (prompt_ids, completion_ids). A file's rows are checked and tokenized line by line, so
-    any error names its file:line."""
+    any error names its file:line. context: the model's (model.context_length)."""
     examples = []
     if cfg.data:
         def check(r):
             check_sft_row(r)
             p, c = (r["messages"][:-1], r["messages"][-1:]) if "messages" in r else (r["prompt"], r["completion"])
-            examples.append(encode_checked(tok, p, c, cfg.max_length))
+            examples.append(encode_checked(tok, p, c, cfg.max_length, context))
         read_jsonl(cfg.data, check, cfg.truncation)
         return examples
     stream = rewards.ProblemStream(cfg.task, seed=cfg.seed, exclude=rewards.held_out(cfg.task, max(cfg.eval_n, 1)))
@@ -134,7 +141,7 @@ def load_examples(cfg, tok):
             trace = rewards.addition_trace(*map(int, p.prompt.split("+")), slip=True)
         try:
             examples.append(encode_checked(tok, [{"role": "user", "content": p.prompt}],
-                                           [{"role": "assistant", "content": trace}], cfg.max_length))
+                                           [{"role": "assistant", "content": trace}], cfg.max_length, context))
         except ValueError as e:
             raise ValueError(f"{cfg.task} example {i}: {e}") from None
     return examples
@@ -218,7 +225,7 @@ def main(cfg):
     print(json.dumps(vars(cfg)))
     where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
     model, tok = load(cfg.model, where, dtype, seed=cfg.seed)
-    examples = load_examples(cfg, tok)  # every row is checked before the first step
+    examples = load_examples(cfg, tok, context_length(model))  # every row is checked before the first step
     step, data, st = 0, ShuffledCycle(len(examples), cfg.seed), None
     if dist.is_main():
         lock_out(cfg.out)                        # one run at a time in OUT

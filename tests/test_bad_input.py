@@ -3,6 +3,7 @@ field), and without touching anything already in --out. Length limits: --truncat
 import hashlib
 import json
 import os
+import time
 
 import pytest
 
@@ -69,6 +70,20 @@ CASES = [
     ("dpo", {"prompt": [U("1+2=")], "chosen": [A("3")], "rejected": [{"role": "critic", "content": "4"}]},
      r"d\.jsonl:2: field 'rejected'\[0\] has unknown role 'critic'"),
     ("dpo", {"prompt": "1+2=", "chosen": "3"}, r"d\.jsonl:2: missing field 'rejected'"),
+    # data text never becomes structure: special-token text is refused, wherever it is
+    ("sft", {"prompt": "1+2=", "completion": "3<eos>and more"}, r"d\.jsonl:2: the text contains '<eos>', a special token"),
+    ("sft", {"prompt": "1+2=", "completion": "3<pad>"}, r"d\.jsonl:2: the text contains '<pad>'"),
+    ("sft", {"messages": [U("hi<|assistant|>4"), A("3")]}, r"d\.jsonl:2: the text contains '<\|assistant\|>'"),
+    ("grpo", {"prompt": [U("1+2=<|user|>")], "answer": "3"}, r"d\.jsonl:2: the text contains '<\|user\|>'"),
+    ("dpo", {"prompt": "1+2=", "chosen": "3", "rejected": "4<eos>"}, r"d\.jsonl:2: the text contains '<eos>'"),
+    ("grpo", {"prompt": "1+2=", "answer": True}, r"d\.jsonl:2: field 'answer' must be str or int or float, got bool"),
+    ("dpo", {"prompt": "1+2=", "chosen": "3", "rejected": "3"}, r"d\.jsonl:2: 'chosen' and 'rejected' are the same"),
+    ("sft", '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "completion": "3"}', r"d\.jsonl:2: JSON nested too deeply"),
+    ("grpo", '{"prompt": "1+2=", "answer": ' + "9" * 5000 + "}", r"d\.jsonl:2: unreadable JSON \(Exceeds the limit"),
+    # longer than the model's context (the tiny model: 256 positions), within the --max-* flags
+    ("sft", {"prompt": "1" * 300, "completion": "3"}, r"d\.jsonl:2: 302 tokens > the model's context of 256 positions"),
+    ("grpo", {"prompt": "1" * 253, "answer": "3"}, r"d\.jsonl:2: prompt has 253 tokens \+ --max-new-tokens 4 > the model's context"),
+    ("dpo", {"prompt": "1" * 300, "chosen": "3", "rejected": "4"}, r"d\.jsonl:2: pair has 302 tokens > the model's context"),
 ]
 
 
@@ -99,6 +114,19 @@ LONG = {"sft": ({"prompt": "1+2=", "completion": "3" * 40}, dict(max_length=20))
 def test_over_length_is_an_error_by_default(tmp_path, script):
     row, kw = LONG[script]
     fails_before_anything(tmp_path, script, [GOOD[script], row], r"d\.jsonl:2: .* > --max-.*length 20 \(--truncation skip", **kw)
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo", "dpo"])
+def test_a_huge_line_is_refused_before_it_is_tokenised(tmp_path, script):
+    """A few-MB row: its characters alone show it is over the limit (no token covers more characters than
+    its vocabulary entry), so it is refused at once instead of after minutes of tokenising and GBs."""
+    row = {"sft": {"prompt": "1+2=", "completion": "3" * 3_000_000},
+           "grpo": {"prompt": "1" * 3_000_000, "answer": "3"},
+           "dpo": {"prompt": "1+2=", "chosen": "3", "rejected": "4" * 3_000_000}}[script]
+    t0 = time.time()
+    fails_before_anything(tmp_path, script, [GOOD[script], row],
+                          r"d\.jsonl:2: 300000\d characters: more than \d+ tokens however tokenised > --max-")
+    assert time.time() - t0 < 10
 
 
 @pytest.mark.parametrize("script", ["sft", "grpo", "dpo"])
