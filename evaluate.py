@@ -77,17 +77,20 @@ def resolve_reward(name, task, builtin):
 
 
 def load_rows(cfg, tok):
-    """Eval rows {"prompt", columns...}: the built-in held-out problems, or the checked JSONL rows (any
-    bad row stops with file:line)."""
+    """Eval rows {"prompt", columns...}: the built-in held-out problems, or the rows of --data."""
     if not cfg.data:
         return [p.row() for p in rewards.held_out(cfg.task, cfg.n)]
+    return read_rows(cfg.data, tok, cfg.max_prompt_length)
 
+
+def read_rows(path, tok, max_prompt_length):
+    """The checked rows of an eval JSONL (GRPO's prompt format); any bad row stops with file:line."""
     def check(row):
         check_text_or_messages(row, "prompt")
         n = len(encode_prompt(tok, row["prompt"]))
-        if n > cfg.max_prompt_length:
-            raise TooLong(f"prompt has {n} tokens > --max-prompt-length {cfg.max_prompt_length}")
-    return read_jsonl(cfg.data, check)
+        if n > max_prompt_length:
+            raise TooLong(f"prompt has {n} tokens > --max-prompt-length {max_prompt_length}")
+    return read_jsonl(path, check)
 
 
 def score(reward_fn, rows, completions, k=1):
@@ -107,12 +110,14 @@ def score(reward_fn, rows, completions, k=1):
 @torch.no_grad()
 def complete(model, tok, rows, k, max_new_tokens, temperature, batch_size, greedy):
     """Decoded completions, row by row, k per row (greedy: k = 1)."""
+    training = model.training
     model.eval()
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows for _ in range(k)]
     out = []
     for i in range(0, len(prompts), batch_size):
         r = generate(model, tok, prompts[i:i + batch_size], max_new_tokens, temperature, greedy=greedy)
         out += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
+    model.train(training)
     return out
 
 

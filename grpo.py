@@ -53,12 +53,13 @@ from tqdm import tqdm
 
 import kernels
 import dist
+import evaluate as E
 import rewards
 import sft
-from model import (TRUNCATION, ConfigError, DataError, ShuffledCycle, TooLong, check_data_text, check_flags,
-                   check_resume, check_text_or_messages, completion_hidden, context_length, encode_prompt, load,
-                   load_state, lock_out, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state,
-                   token_logprobs, trim_log, write_config)
+from model import (TRUNCATION, ConfigError, DataError, ShuffledCycle, TooLong, check_flags, check_resume,
+                   check_text_or_messages, completion_hidden, encode_prompt, load, load_state, lock_out, parse_config,
+                   read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs, trim_log,
+                   write_config)
 from rollout import Rollout, generate
 
 
@@ -102,6 +103,8 @@ class GRPOConfig:
     overlong_cache: int = 0        # > 0: add DAPO's soft overlong punishment over the last N tokens
     micro_batch: int = 128         # sequences per forward/backward (gradients accumulate)
     eval_n: int = 500              # held-out problems, greedy, before/after (built-in task only)
+    eval_data: str = ""            # held-out JSONL (the --data format), scored greedy by the first reward
+                                   # function, before / every --eval-every / after (evaluate.py)
     eval_every: int = 10           # also every N steps, for the learning curve (0 = only before/after)
     sample_every: int = 10         # print and log a few completions every N steps
     save_every: int = 25
@@ -395,10 +398,7 @@ REWARD_COLUMNS = {"accuracy": {"answer": (str, int, float)},
 
 
 class Prompts:
-    """The prompt rows of each step: the built-in task's stream, or a --data file's rows (checked here:
-    text, reward columns, and length: prompt + --max-new-tokens within the model's context)."""
-
-    def __init__(self, cfg, tok, held, names=(), context=None):
+    def __init__(self, cfg, tok, held, names=()):
         self.builtin = not cfg.data
         if self.builtin:
             self.stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)
@@ -407,18 +407,13 @@ class Prompts:
         else:
             def check(row):  # read_jsonl reports any failure here as file:line
                 check_text_or_messages(row, "prompt")
-                for col, types in columns.items():  # (JSON true/false are bools, which Python counts as ints)
-                    v = row.get(col)
-                    if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+                for col, types in columns.items():
+                    if row.get(col) is not None and not isinstance(row[col], types):
                         raise ValueError(f"field {col!r} must be {' or '.join(t.__name__ for t in types)}, "
-                                         f"got {type(v).__name__}")
-                check_data_text(tok, row["prompt"], max_tokens=cfg.max_prompt_length, limit="--max-prompt-length")
+                                         f"got {type(row[col]).__name__}")
                 n = len(encode_prompt(tok, row["prompt"]))
                 if n > cfg.max_prompt_length:
                     raise TooLong(f"prompt has {n} tokens > --max-prompt-length {cfg.max_prompt_length}")
-                if context is not None and n + cfg.max_new_tokens > context:
-                    raise TooLong(f"prompt has {n} tokens + --max-new-tokens {cfg.max_new_tokens} > the model's "
-                                  f"context of {context} positions (max_position_embeddings)")
             columns = {c: t for n in names for c, t in REWARD_COLUMNS.get(n, {}).items()}
             self.rows = read_jsonl(cfg.data, check, cfg.truncation)
             for col in columns:  # a row may lack the column (that reward abstains on it), the file may not
@@ -474,7 +469,8 @@ def main(cfg):
     start = cfg.model if cfg.init == "scratch" else cfg.init
     where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
     model, tok = load(start, where, dtype, seed=cfg.seed)
-    prompts_src = Prompts(cfg, tok, held, names, context_length(model))  # JSONL is checked here, before training
+    prompts_src = Prompts(cfg, tok, held, names)        # JSONL is checked here, before any training
+    eval_rows = E.read_rows(cfg.eval_data, tok, cfg.max_prompt_length) if cfg.eval_data else []
     ref = None
     if cfg.beta != 0.0:  # a frozen copy of the starting policy; with beta = 0 none is kept
         ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -499,9 +495,13 @@ def main(cfg):
     model.train()
 
     def evaluate():
-        acc, comps = sft.evaluate(model, tok, held, cfg.max_new_tokens)
+        if eval_rows:  # --eval-data: its rows, scored by the first reward function (the task's checker)
+            with dist.gathered(model):
+                acc = E.evaluate(model, tok, eval_rows, funcs[0], cfg.max_new_tokens)[0]["accuracy"]
+        else:
+            acc = sft.evaluate(model, tok, held, cfg.max_new_tokens)[0]
         history.append({"step": step, "held_out_accuracy": acc})
-        return acc, comps
+        return acc
 
     def checkpoint():  # rank 0 writes (the replicas are identical); every rank's RNG goes with it
         rngs = dist.gather_objects(rng_state())
@@ -512,9 +512,9 @@ def main(cfg):
                                        "rng_by_rank": rngs, "config": vars(cfg)}, weights)
         dist.barrier()
 
-    if held and step == 0:
-        acc0, _ = evaluate()
-        print(f"held-out greedy accuracy before GRPO: {acc0:.3f}")
+    evaluating = bool(held or eval_rows)
+    if evaluating and step == 0:
+        print(f"held-out greedy accuracy before GRPO: {evaluate():.3f}")
     if cfg.resume and dist.is_main():
         for name in ("metrics.jsonl", "samples.jsonl"):
             trim_log(os.path.join(cfg.out, name), step)
@@ -640,8 +640,8 @@ def main(cfg):
             metrics["dynamic_sampling/rounds"] = rounds
             metrics["dynamic_sampling/kept_frac"] = dist.all_sum(sum(int(k[-1].sum()) for k in kept)) / \
                 dist.all_sum(seen_groups)
-        if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            metrics["held_out_accuracy"] = evaluate()[0]
+        if evaluating and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            metrics["held_out_accuracy"] = evaluate()
         zero_std.append(metrics["frac_reward_zero_std"])
         warning = no_signal_warning(zero_std) if not warned else None
         if warning and dist.is_main():
@@ -664,8 +664,9 @@ def main(cfg):
             checkpoint()
     bar.close()
     summary = {}
-    if held:
-        summary = sft.before_after(history, evaluate()[0], len(held), cfg.task, "GRPO")
+    if evaluating:
+        summary = sft.before_after(history, evaluate(), len(held) or len(eval_rows),
+                                   cfg.task if held else cfg.eval_data, "GRPO")
     checkpoint()
     if dist.is_main():
         with open(os.path.join(cfg.out, "result.json"), "w") as f:

@@ -105,3 +105,31 @@ def test_command_line_on_a_saved_directory(tmp_path, trained):
     data.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n" + json.dumps({"answer": "2"}) + "\n")
     p = run_cli("--model", d, "--data", str(data))
     assert p.returncode != 0 and "eval.jsonl:2: missing field 'prompt'" in p.stderr, p.stderr[-500:]
+
+
+def test_grpo_eval_data_before_every_and_after(tmp_path, trained):
+    """grpo.py --data prompts --eval-data held-out: the held-out rows are scored by the first reward
+    function before training (exactly evaluate()'s 6 of 10 on the same model: the same greedy code on
+    the same batch), every --eval-every steps, and after; result.json has before/after and the history."""
+    import grpo
+    model, tok = M.load(trained)
+    rows = rows_half_right(model, tok)
+    data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": "1"}) + "\n" for r in rows))
+    out = str(tmp_path / "g")
+    grpo.main(grpo.GRPOConfig(init=trained, data=str(data), eval_data=str(held), out=out, steps=4, eval_every=2,
+                              num_prompts=2, num_generations=4, max_new_tokens=8, reward_funcs=STARTS,
+                              sample_every=0, save_every=0, threads=TEST_THREADS))
+    res = json.load(open(os.path.join(out, "result.json")))
+    assert res["held_out_accuracy_before"] == 0.6 and res["n"] == 10
+    assert [h["step"] for h in res["history"]] == [0, 2, 4]
+    assert res["held_out_accuracy_after"] == res["history"][-1]["held_out_accuracy"]
+    ms = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in ms if "held_out_accuracy" in m] == [2]
+    assert ms[1]["held_out_accuracy"] == res["history"][1]["held_out_accuracy"]
+    held.write_text(json.dumps({"answer": "1"}) + "\n")
+    with pytest.raises(M.DataError, match=r"held\.jsonl:1: missing field 'prompt'"):
+        grpo.main(grpo.GRPOConfig(init=trained, data=str(data), eval_data=str(held), out=str(tmp_path / "h"),
+                                  steps=1, reward_funcs=STARTS, threads=TEST_THREADS))
+    assert not os.path.exists(str(tmp_path / "h" / "metrics.jsonl"))
