@@ -56,10 +56,10 @@ import dist
 import evaluate as E
 import rewards
 import sft
-from model import (TRUNCATION, ConfigError, DataError, ShuffledCycle, TooLong, check_flags, check_resume,
-                   check_text_or_messages, completion_hidden, encode_prompt, load, load_state, lock_out, parse_config,
-                   read_jsonl, rng_state, save, seed_everything, set_rng_state, token_logprobs, trim_log,
-                   write_config)
+from model import (TRUNCATION, ConfigError, DataError, ShuffledCycle, TooLong, check_data_text, check_flags,
+                   check_resume, check_text_or_messages, completion_hidden, context_length, encode_prompt, load,
+                   load_state, lock_out, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state,
+                   token_logprobs, trim_log, write_config)
 from rollout import Rollout, generate
 
 
@@ -398,7 +398,10 @@ REWARD_COLUMNS = {"accuracy": {"answer": (str, int, float)},
 
 
 class Prompts:
-    def __init__(self, cfg, tok, held, names=()):
+    """The prompt rows of each step: the built-in task's stream, or a --data file's rows (checked here:
+    text, reward columns, and length: prompt + --max-new-tokens within the model's context)."""
+
+    def __init__(self, cfg, tok, held, names=(), context=None):
         self.builtin = not cfg.data
         if self.builtin:
             self.stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)
@@ -407,13 +410,18 @@ class Prompts:
         else:
             def check(row):  # read_jsonl reports any failure here as file:line
                 check_text_or_messages(row, "prompt")
-                for col, types in columns.items():
-                    if row.get(col) is not None and not isinstance(row[col], types):
+                for col, types in columns.items():  # (JSON true/false are bools, which Python counts as ints)
+                    v = row.get(col)
+                    if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
                         raise ValueError(f"field {col!r} must be {' or '.join(t.__name__ for t in types)}, "
-                                         f"got {type(row[col]).__name__}")
+                                         f"got {type(v).__name__}")
+                check_data_text(tok, row["prompt"], max_tokens=cfg.max_prompt_length, limit="--max-prompt-length")
                 n = len(encode_prompt(tok, row["prompt"]))
                 if n > cfg.max_prompt_length:
                     raise TooLong(f"prompt has {n} tokens > --max-prompt-length {cfg.max_prompt_length}")
+                if context is not None and n + cfg.max_new_tokens > context:
+                    raise TooLong(f"prompt has {n} tokens + --max-new-tokens {cfg.max_new_tokens} > the model's "
+                                  f"context of {context} positions (max_position_embeddings)")
             columns = {c: t for n in names for c, t in REWARD_COLUMNS.get(n, {}).items()}
             self.rows = read_jsonl(cfg.data, check, cfg.truncation)
             for col in columns:  # a row may lack the column (that reward abstains on it), the file may not
@@ -469,7 +477,7 @@ def main(cfg):
     start = cfg.model if cfg.init == "scratch" else cfg.init
     where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
     model, tok = load(start, where, dtype, seed=cfg.seed)
-    prompts_src = Prompts(cfg, tok, held, names)        # JSONL is checked here, before any training
+    prompts_src = Prompts(cfg, tok, held, names, context_length(model))  # JSONL is checked here, before training
     eval_rows = E.read_rows(cfg.eval_data, tok, cfg.max_prompt_length) if cfg.eval_data else []
     ref = None
     if cfg.beta != 0.0:  # a frozen copy of the starting policy; with beta = 0 none is kept
