@@ -209,7 +209,9 @@ def score(funcs, weights, prompts, completions, completion_ids, columns, device=
     takes them). weights: F floats.
 
     A function abstains on a sample when it returns None for it (TRL's convention), returns something
-    that is not a finite number (NaN, inf, a string), or raises. Reward functions are user code run on
+    that is not a finite number (NaN, inf, a string), returns an array that is not 1-D, or raises (sys.exit
+    included). Each function gets its own copies of the completions and columns. Not bounded: the time a
+    function takes (one that hangs blocks the run; see the README). Reward functions are user code run on
     model output for hours: one sample that trips them must cost that sample's reward, not the run. A
     function that raises on the batch is called again sample by sample, so only the samples that make
     it raise abstain. Each kind of fault is reported once per function on stderr (with the traceback);
@@ -233,10 +235,17 @@ def _call_reward(f, prompts, completions, completion_ids, columns, extra):
     the `.metrics` of what it returned (if any) are added into the dict `extra`."""
     N = len(completions)
     try:
-        ret = f(prompts, completions, completion_ids=completion_ids, **columns)
+        # its own copies: a function that edits its inputs in place cannot change what the next function
+        # scores, nor what samples.jsonl logs
+        p, c, ids, cols = copy.deepcopy((prompts, completions, completion_ids, columns))
+        ret = f(p, c, completion_ids=ids, **cols)
+        if getattr(ret, "ndim", 1) != 1:  # an (N, 1) array would make N values of one element each
+            _report_fault(f, "returned an array that is not 1-D",
+                          f"shape {tuple(ret.shape)} for {N} completions: return one number per completion")
+            return [math.nan] * N
         values = list(ret)
-    except Exception:
-        _report_fault(f, "raised", traceback.format_exc())
+    except (Exception, SystemExit) as e:  # sys.exit() in a reward function must not end training
+        _report_fault(f, "called sys.exit" if isinstance(e, SystemExit) else "raised", traceback.format_exc())
         if N == 1:
             return [math.nan]
         return [_call_reward(f, prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
@@ -655,7 +664,9 @@ def main(cfg):
         if warning and dist.is_main():
             tqdm.write(warning, file=sys.stderr)
         warned = warned or warning is not None
-        log.write(json.dumps(metrics) + "\n")
+        # NaN / inf (a mean over samples that all abstained) as null: metrics.jsonl stays strict JSON
+        log.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                              for k, v in metrics.items()}) + "\n")
         log.flush()
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}",
                         len=f"{metrics['completions/mean_length']:.1f}", ent=f"{metrics['entropy']:.2f}")

@@ -40,6 +40,27 @@ def wrong_length(prompts, completions, **kw):
     return [1.0]
 
 
+def exits(prompts, completions, **kw):
+    import sys
+    sys.exit(0)
+
+
+def rewrites_its_inputs(prompts, completions, completion_ids, answer, **kw):
+    completions[:] = ["<answer>3</answer>"] * len(completions)
+    answer[:] = ["3"] * len(answer)
+    completion_ids[0].append(99)
+    return [1.0] * len(completions)
+
+
+def seen(prompts, completions, completion_ids, answer, **kw):
+    seen.calls.append((list(completions), list(answer), [list(i) for i in completion_ids]))
+    return [0.0] * len(completions)
+
+
+def column(prompts, completions, **kw):
+    return torch.ones(len(completions), 1)   # (N, 1): one element per sample, but not one number
+
+
 @pytest.fixture(autouse=True)
 def _fresh_reports(monkeypatch):
     monkeypatch.setattr(grpo, "_reported_faults", set())
@@ -153,3 +174,36 @@ def test_grpo_trains_on_with_a_broken_reward_function(tmp_path):
     broken = "rewards/test_reward_faults:always_raises/abstained"   # metric names are the --reward-funcs names
     assert all(m[broken] == 4 and m["rewards/code/abstained"] == 0 for m in ms)
     assert all(m["rewards/code/mean"] == 0.0 for m in ms)
+
+
+def test_sys_exit_in_a_reward_function_is_contained(capsys):
+    per_fn, total = run_score([exits, length], ["ab", "c"])
+    assert nan_equal(per_fn, torch.tensor([[math.nan, 2.0], [math.nan, 1.0]])) and total.tolist() == [2.0, 1.0]
+    assert "reward function exits called sys.exit" in capsys.readouterr().err
+
+
+def test_each_reward_function_gets_its_own_copies():
+    seen.calls = []
+    completions, answer, ids = ["7", "8"], ["1", "2"], [[1], [2]]
+    score([rewrites_its_inputs, seen], torch.tensor([1.0, 1.0]), ["p", "p"], completions, ids, {"answer": answer})
+    assert seen.calls == [(["7", "8"], ["1", "2"], [[1], [2]])]
+    assert completions == ["7", "8"] and answer == ["1", "2"] and ids == [[1], [2]]   # the caller's too
+
+
+def test_an_array_that_is_not_1d_abstains_with_a_message(capsys):
+    per_fn, _ = run_score([column, length], ["ab", "c"])
+    assert torch.isnan(per_fn[:, 0]).all() and per_fn[:, 1].tolist() == [2.0, 1.0]
+    err = capsys.readouterr().err
+    assert "reward function column returned an array that is not 1-D" in err and "shape (2, 1)" in err
+
+
+def test_no_nan_reaches_metrics_jsonl(tmp_path):
+    """A function that abstains on every sample has no mean: null in the log, which stays strict JSON."""
+    out = str(tmp_path / "out")
+    cfg = grpo.GRPOConfig(init="scratch", data=EXAMPLE, out=out, steps=1, num_prompts=2, num_generations=2,
+                          max_new_tokens=4, eval_n=0, eval_every=0, sample_every=0, save_every=0, threads=TEST_THREADS,
+                          reward_funcs="test_reward_faults:column,test_reward_faults:exits", reward_weights="1,1")
+    grpo.main(cfg)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        m = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+    assert m["rewards/test_reward_faults:column/mean"] is None and m["rewards/test_reward_faults:column/abstained"] == 4
