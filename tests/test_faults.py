@@ -340,8 +340,18 @@ def test_resume_refuses_what_the_checkpoint_was_made_with(tmp_path):
         with pytest.raises(M.ConfigError, match="--resume cannot change --"):
             main(cfg)
         assert snapshot(out) == before, bad
-    # a file with fewer rows than the saved position: a sentence, before anything is written
-    main, cfg = config("sft", write(tmp_path / "d.jsonl", [GOOD["sft"]] * 2), out, resume=True, steps=3)
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo", "dpo"])
+def test_resume_refuses_data_of_another_size(tmp_path, script):
+    """Fewer rows than the saved position crashed with IndexError after run_config.json was rewritten."""
+    from test_bad_input import GOOD, config, snapshot, write
+    data = write(tmp_path / "d.jsonl", [GOOD[script]] * 4)
+    out = str(tmp_path / "out")
+    main, cfg = config(script, data, out)
+    main(cfg)
+    before = snapshot(out)
+    main, cfg = config(script, write(tmp_path / "d.jsonl", [GOOD[script]] * 2), out, resume=True, steps=3)
     with pytest.raises(M.ConfigError, match="the data has 2 rows, the checkpoint was trained on 4"):
         main(cfg)
     assert snapshot(out) == before
