@@ -44,6 +44,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -211,8 +212,8 @@ def score(funcs, weights, prompts, completions, completion_ids, columns, device=
     A function abstains on a sample when it returns None for it (TRL's convention), returns something
     that is not a finite number (NaN, inf, a string), returns an array that is not 1-D, or raises (sys.exit
     included). Each function gets its own copies of the completions and columns. Not bounded: the time a
-    function takes (one that hangs blocks the run; see the README). Reward functions are user code run on
-    model output for hours: one sample that trips them must cost that sample's reward, not the run. A
+    function takes (one that hangs blocks the run; it is named on stderr, REWARD_REPORT_AFTER_S).
+    Reward functions are user code run on model output for hours: one sample that trips them must cost that sample's reward, not the run. A
     function that raises on the batch is called again sample by sample, so only the samples that make
     it raise abstain. Each kind of fault is reported once per function on stderr (with the traceback);
     the metric rewards/<fn>/abstained counts the samples each function did not score, every step.
@@ -230,9 +231,30 @@ def score(funcs, weights, prompts, completions, completion_ids, columns, device=
     return per_fn, total
 
 
+# A reward call that runs longer than this is reported while it runs (on stderr, once per call), so a
+# function that hangs is named. It is not stopped: a thread cannot be killed, running it in one would
+# break the signal-based timeouts reward code often uses (signals reach the main thread only), and a
+# process would need picklable functions. Bound untrusted code with rewards.code_reward's sandbox.
+REWARD_REPORT_AFTER_S = 60.0
+
+
 def _call_reward(f, prompts, completions, completion_ids, columns, extra):
     """One reward function on N samples -> N floats, NaN where it abstained or failed; the counts in
     the `.metrics` of what it returned (if any) are added into the dict `extra`."""
+    N = len(completions)
+    slow = threading.Timer(REWARD_REPORT_AFTER_S, lambda: tqdm.write(
+        f"reward function {getattr(f, '__name__', repr(f))} has run for {REWARD_REPORT_AFTER_S:g} s on {N} "
+        f"sample(s) without returning (first completion: {completions[0][:80]!r}); it is not stopped",
+        file=sys.stderr))
+    slow.daemon = True
+    slow.start()
+    try:
+        return _call_reward_timed(f, prompts, completions, completion_ids, columns, extra)
+    finally:
+        slow.cancel()
+
+
+def _call_reward_timed(f, prompts, completions, completion_ids, columns, extra):
     N = len(completions)
     try:
         # its own copies: a function that edits its inputs in place cannot change what the next function

@@ -207,3 +207,15 @@ def test_no_nan_reaches_metrics_jsonl(tmp_path):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         m = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
     assert m["rewards/test_reward_faults:column/mean"] is None and m["rewards/test_reward_faults:column/abstained"] == 4
+
+
+def test_a_slow_reward_function_is_named_while_it_runs(capsys, monkeypatch):
+    import time
+
+    def dawdles(prompts, completions, **kw):
+        time.sleep(0.5)
+        return [1.0] * len(completions)
+    monkeypatch.setattr(grpo, "REWARD_REPORT_AFTER_S", 0.1)
+    per_fn, _ = run_score([dawdles], ["ab"])
+    assert per_fn.tolist() == [[1.0]]                                  # reported, not stopped
+    assert "reward function dawdles has run for 0.1 s on 1 sample(s) without returning" in capsys.readouterr().err
