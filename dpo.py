@@ -66,6 +66,7 @@ from tqdm import tqdm
 
 import dist
 import kernels
+import plot
 import rewards
 import sft
 from model import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_flags, check_resume,
@@ -548,6 +549,8 @@ def main(cfg):
             json.dump(summary, f, indent=1)
     log.close()
     samples_log.close()
+    if dist.is_main():
+        print("curves:", plot.draw(cfg.out))   # OUT/curves.svg: every metric over the steps
     return model, tok, summary
 
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import dist
 import kernels
+import plot
 import rewards
 from model import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_flags, check_resume,
                    check_text_or_messages, completion_hidden, context_length, encode_example, encode_prompt,
@@ -301,6 +302,8 @@ def main(cfg):
         with open(os.path.join(cfg.out, "sft_result.json"), "w") as f:
             json.dump(result, f)
     log.close()
+    if dist.is_main():
+        print("curves:", plot.draw(cfg.out))   # OUT/curves.svg: every metric over the steps
     return model, tok, result
 
 
