@@ -275,7 +275,8 @@ def check_resume(cfg, saved, fixed):
     if saved is None:
         return
     flag = lambda k: "--" + k.replace("_", "-")
-    changed = {k: (saved.get(k), v) for k, v in vars(cfg).items() if k != "resume" and saved.get(k) != v}
+    # (a flag the saved run did not have yet, from an older version of the script, is not a change)
+    changed = {k: (saved[k], v) for k, v in vars(cfg).items() if k != "resume" and k in saved and saved[k] != v}
     refused = [f"{flag(k)} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in fixed]
     if refused:
         raise ConfigError(f"--resume cannot change {', '.join(refused)}: the checkpoint in {cfg.out} was made with "
