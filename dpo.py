@@ -70,8 +70,8 @@ import plot
 import rewards
 import sft
 from model import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_flags, check_resume,
-                   check_text_or_messages, context_length, encode_example, encode_prompt, load, load_state,
-                   lock_out, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state,
+                   check_text_or_messages, context_length, encode_example, encode_prompt, load, load_state, lock_out,
+                   metrics_line, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state,
                    token_logprobs, trim_log, write_config)
 from rollout import generate
 
@@ -531,7 +531,7 @@ def main(cfg):
                    "step_time": time.time() - t0}
         if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["held_out_accuracy"] = evaluate()[0]
-        log.write(json.dumps(metrics) + "\n")
+        log.write(metrics_line(metrics))
         log.flush()
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.2f}",
                         acc=f"{metrics['rewards/accuracies']:.2f}", round=r)

@@ -59,8 +59,8 @@ import rewards
 import sft
 from model import (TRUNCATION, ConfigError, DataError, ShuffledCycle, TooLong, check_data_text, check_flags,
                    check_resume, check_text_or_messages, completion_hidden, context_length, encode_prompt, load,
-                   load_state, lock_out, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state,
-                   token_logprobs, trim_log, write_config)
+                   load_state, lock_out, metrics_line, parse_config, read_jsonl, rng_state, save, seed_everything,
+                   set_rng_state, token_logprobs, trim_log, write_config)
 from rollout import Rollout, generate
 
 
@@ -686,9 +686,7 @@ def main(cfg):
         if warning and dist.is_main():
             tqdm.write(warning, file=sys.stderr)
         warned = warned or warning is not None
-        # NaN / inf (a mean over samples that all abstained) as null: metrics.jsonl stays strict JSON
-        log.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                              for k, v in metrics.items()}) + "\n")
+        log.write(metrics_line(metrics))
         log.flush()
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}",
                         len=f"{metrics['completions/mean_length']:.1f}", ent=f"{metrics['entropy']:.2f}")

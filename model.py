@@ -336,6 +336,13 @@ def trim_log(path, step):
     os.replace(path + ".tmp", path)
 
 
+def metrics_line(metrics):
+    """One line of a metrics log. A value that is not a finite number (the grad norm of a skipped step,
+    the mean of a reward every sample abstained from) is written as null: the log stays strict JSON,
+    which Python's NaN / Infinity are not."""
+    return json.dumps({k: v if not isinstance(v, float) or np.isfinite(v) else None for k, v in metrics.items()}) + "\n"
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)

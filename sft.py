@@ -35,8 +35,8 @@ import kernels
 import plot
 import rewards
 from model import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_flags, check_resume,
-                   check_text_or_messages, completion_hidden, context_length, encode_example, encode_prompt,
-                   load, load_state, lock_out, parse_config, read_jsonl, rng_state, save, seed_everything,
+                   check_text_or_messages, completion_hidden, context_length, encode_example, encode_prompt, load,
+                   load_state, lock_out, metrics_line, parse_config, read_jsonl, rng_state, save, seed_everything,
                    set_rng_state, token_logprobs, trim_log, write_config)
 from rollout import generate
 
@@ -284,7 +284,7 @@ def main(cfg):
         m = {"step": step, "loss": dist.all_sum(loss.item()), "grad_norm": grad_norm.item(),
              "skipped_steps": int(skipped), "lr": sched.get_last_lr()[0], "num_tokens": int(num_tokens),
              "epoch": data.epoch, "step_time": time.time() - t0}
-        log.write(json.dumps(m) + "\n")
+        log.write(metrics_line(m))
         log.flush()
         bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=data.epoch)
         bar.update(1)
