@@ -53,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 import kernels
+import plot
 import dist
 import evaluate as E
 import rewards
@@ -712,6 +713,8 @@ def main(cfg):
             json.dump(summary, f, indent=1)
     log.close()
     samples_log.close()
+    if dist.is_main():
+        print("curves:", plot.draw(cfg.out))   # OUT/curves.svg: every metric over the steps
     return model, tok, summary
 
 

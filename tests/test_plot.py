@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+import grpo
 import plot
 import sft
 from conftest import TEST_THREADS
@@ -46,9 +47,14 @@ def test_missing_log_is_a_clear_error(tmp_path):
         plot.draw(str(tmp_path))
 
 
-def test_sft_run_writes_its_curves(tmp_path):
+def test_sft_and_grpo_runs_write_their_curves(tmp_path):
     out = str(tmp_path / "s")
     sft.main(sft.SFTConfig(out=out, steps=3, batch_size=4, num_examples=16, eval_n=0, save_every=0,
                            threads=TEST_THREADS))
     svg = open(os.path.join(out, "curves.svg")).read()
     assert plot.PANELS["loss"] in svg and len(polylines(svg)[0]) == 3
+    g = str(tmp_path / "g")
+    grpo.main(grpo.GRPOConfig(init="scratch", out=g, steps=2, num_prompts=2, num_generations=2, max_new_tokens=4,
+                              eval_n=0, sample_every=0, save_every=0, threads=TEST_THREADS))
+    svg = open(os.path.join(g, "curves.svg")).read()
+    assert plot.PANELS["frac_reward_zero_std"] in svg and len(polylines(svg)[0]) == 2
