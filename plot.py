@@ -92,7 +92,7 @@ def draw(out, cols=3):
         body += panel((i % cols) * W, 24 + (i // cols) * H, PANELS[k], series[k])
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{cols * W}" height="{24 + rows * H}" '
            f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>'
-           f'<text x="8" y="16" font-size="13">{os.path.abspath(out)}: x = step</text>\n' + "\n".join(body) + "\n</svg>\n")
+           f'<text x="8" y="16" font-size="13">{out}: x = step</text>\n' + "\n".join(body) + "\n</svg>\n")
     path = os.path.join(out, "curves.svg")
     with open(path + ".tmp", "w") as f:
         f.write(svg)
