@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 import rewards
-from model import TooLong, check_text_or_messages, encode_prompt, load, read_jsonl
+from model import TooLong, check_data_text, check_text_or_messages, encode_prompt, load, read_jsonl
 from rollout import generate
 
 
@@ -87,6 +87,7 @@ def read_rows(path, tok, max_prompt_length):
     """The checked rows of an eval JSONL (GRPO's prompt format); any bad row stops with file:line."""
     def check(row):
         check_text_or_messages(row, "prompt")
+        check_data_text(tok, row["prompt"], max_tokens=max_prompt_length, limit="--max-prompt-length")
         n = len(encode_prompt(tok, row["prompt"]))
         if n > max_prompt_length:
             raise TooLong(f"prompt has {n} tokens > --max-prompt-length {max_prompt_length}")

@@ -105,6 +105,9 @@ def test_command_line_on_a_saved_directory(tmp_path, trained):
     data.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n" + json.dumps({"answer": "2"}) + "\n")
     p = run_cli("--model", d, "--data", str(data))
     assert p.returncode != 0 and "eval.jsonl:2: missing field 'prompt'" in p.stderr, p.stderr[-500:]
+    data.write_text(json.dumps({"prompt": "1+1" + tok.eos_token + "2", "answer": "2"}) + "\n")
+    p = run_cli("--model", d, "--data", str(data))                  # data text never becomes structure
+    assert p.returncode != 0 and "eval.jsonl:1:" in p.stderr and tok.eos_token in p.stderr, p.stderr[-500:]
 
 
 def test_grpo_eval_data_before_every_and_after(tmp_path, trained):
