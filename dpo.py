@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dist
+import evaluate as E
 import kernels
 import plot
 import rewards
@@ -104,6 +105,8 @@ class DPOConfig:
     generation_batch: int = 512    # sequences per rollout.generate call (memory)
     micro_batch: int = 64          # pairs per forward/backward (gradients accumulate; memory)
     eval_n: int = 500              # held-out problems, greedy, before/after (built-in task only)
+    eval_data: str = ""            # held-out JSONL (GRPO's prompt format: prompt + answer), scored greedy by
+                                   # `accuracy` before / every --eval-every / after (evaluate.py)
     eval_every: int = 0            # also every N steps, for the learning curve (0 = only before/after)
     save_every: int = 20
     resume: bool = False
@@ -381,6 +384,7 @@ def main(cfg):
         raise ValueError(f"{start}: the built-in task's prompts are conversational and this tokenizer has no "
                          f"chat template; give --data pairs as plain strings, or a model with a template")
     stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)  # GRPO's prompt stream
+    eval_rows = E.read_rows(cfg.eval_data, tok, cfg.max_length) if cfg.eval_data else []
     if dist.is_main():
         lock_out(cfg.out)                        # one run at a time in OUT
     if cfg.resume:  # every check before the first write; the weights of the last checkpoint (whole: sharded below)
@@ -405,9 +409,13 @@ def main(cfg):
         set_rng_state(st["rng_by_rank"][rank] if len(st.get("rng_by_rank", ())) == world else st["rng"])
 
     def evaluate():
-        acc, comps = sft.evaluate(model, tok, held, cfg.max_new_tokens)
+        if eval_rows:  # --eval-data: its rows, scored by the accuracy checker
+            with dist.gathered(model):
+                acc = E.evaluate(model, tok, eval_rows, rewards.accuracy_reward, cfg.max_new_tokens)[0]["accuracy"]
+        else:
+            acc = sft.evaluate(model, tok, held, cfg.max_new_tokens)[0]
         history.append({"step": step, "held_out_accuracy": acc})
-        return acc, comps
+        return acc
 
     cache_path = os.path.join(cfg.out, "ref_logps.pt")
     pairs = ref = cycle = None
@@ -469,9 +477,9 @@ def main(cfg):
                                        "config": vars(cfg)}, weights)
         dist.barrier()
 
-    if held and step == 0:
-        acc0, _ = evaluate()
-        print(f"held-out greedy accuracy before DPO: {acc0:.3f}")
+    evaluating = bool(held or eval_rows)
+    if evaluating and step == 0:
+        print(f"held-out greedy accuracy before DPO: {evaluate():.3f}")
     if cfg.resume and dist.is_main():
         trim_log(os.path.join(cfg.out, "metrics.jsonl"), step)
     logs = cfg.out if dist.is_main() else None   # only rank 0 writes
@@ -529,8 +537,8 @@ def main(cfg):
                    "grad_norm": float(grad_norm), "skipped_steps": int(skipped), "learning_rate": sched.get_last_lr()[0],
                    "num_tokens": num_tokens, "epoch": cycle.epoch + cycle.pos / len(pairs), **round_stats,
                    "step_time": time.time() - t0}
-        if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            metrics["held_out_accuracy"] = evaluate()[0]
+        if evaluating and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            metrics["held_out_accuracy"] = evaluate()
         log.write(metrics_line(metrics))
         log.flush()
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.2f}",
@@ -540,8 +548,9 @@ def main(cfg):
             checkpoint()
     bar.close()
     summary = {}
-    if held:
-        summary = {**sft.before_after(history, evaluate()[0], len(held), cfg.task, "DPO"), "rounds": rounds_log}
+    if evaluating:
+        summary = {**sft.before_after(history, evaluate(), len(held) or len(eval_rows),
+                                      cfg.task if held else cfg.eval_data, "DPO"), "rounds": rounds_log}
     if cycle is not None:
         checkpoint()
     if dist.is_main():

@@ -136,3 +136,28 @@ def test_grpo_eval_data_before_every_and_after(tmp_path, trained):
         grpo.main(grpo.GRPOConfig(init=trained, data=str(data), eval_data=str(held), out=str(tmp_path / "h"),
                                   steps=1, reward_funcs=STARTS, threads=TEST_THREADS))
     assert not os.path.exists(str(tmp_path / "h" / "metrics.jsonl"))
+
+
+def test_dpo_eval_data_before_and_after(tmp_path, trained):
+    """dpo.py --data pairs --eval-data held-out: the held-out rows are scored by the accuracy checker
+    before DPO (exactly evaluate()'s 6 of 10: answers taken from the model's own greedy completions for
+    the first six) and after; result.json has both and the history."""
+    import dpo
+    model, tok = M.load(trained)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i + 3}"}]} for i in range(10, 20)]
+    greedy = E.complete(model, tok, rows, 1, 48, 1.0, 256, greedy=True)
+    answers = [rewards.extract_answer(c) for c in greedy]
+    assert all(answers), greedy                               # the short SFT writes <answer> tags
+    for i, (r, a) in enumerate(zip(rows, answers)):
+        r["answer"] = a if i < 6 else "x"
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": "1"}],
+                                         "rejected": [{"role": "assistant", "content": "2"}]}) + "\n" for r in rows))
+    out = str(tmp_path / "d")
+    dpo.main(dpo.DPOConfig(model=trained, data=str(pairs), eval_data=str(held), out=out, steps=2, batch_size=4,
+                           eval_every=0, save_every=0, threads=TEST_THREADS))
+    res = json.load(open(os.path.join(out, "result.json")))
+    assert res["held_out_accuracy_before"] == 0.6 and res["n"] == 10
+    assert [h["step"] for h in res["history"]] == [0, 2]
