@@ -121,7 +121,7 @@ class DPOConfig:
 # with on-policy rounds (it sets where each round, with its pairs and reference, begins); any other
 # flag may change and is applied from the saved step on.
 RESUME_FIXED = ("model", "init", "data", "task", "loss", "batch_size", "max_length", "truncation", "rounds",
-                "num_prompts", "num_generations", "pairs_per_prompt", "eval_n", "seed", "fsdp")
+                "num_prompts", "num_generations", "pairs_per_prompt", "eval_n", "eval_data", "seed", "fsdp")
 
 
 def check_config(cfg):

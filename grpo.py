@@ -121,7 +121,7 @@ class GRPOConfig:
 # What a checkpoint was made with: --resume refuses to change these (model.check_resume); any other
 # flag may change (e.g. --steps to extend a run, --lr, --beta) and is applied from the saved step on.
 RESUME_FIXED = ("model", "init", "data", "task", "num_prompts", "num_generations", "max_prompt_length", "truncation",
-                "eval_n", "seed", "fsdp")
+                "eval_n", "eval_data", "seed", "fsdp")
 
 
 def check_config(cfg):

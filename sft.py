@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import dist
+import evaluate as E
 import kernels
 import plot
 import rewards
@@ -59,6 +60,8 @@ class SFTConfig:
     max_length: int = 512        # prompt + completion tokens
     truncation: str = "error"    # a --data row over --max-length: error | skip (counted); never cut
     eval_n: int = 500            # held-out problems for greedy accuracy at the end (0 = skip)
+    eval_data: str = ""          # held-out JSONL (GRPO's prompt format: prompt + answer), scored greedy by
+                                 # `accuracy` before and after SFT (evaluate.py)
     max_new_tokens: int = 48     # for that evaluation
     device: str = "cpu"
     seed: int = 0
@@ -72,7 +75,7 @@ class SFTConfig:
 # What a checkpoint was made with: --resume refuses to change these (model.check_resume); any other
 # flag may change (e.g. --steps to extend a run, --lr) and is applied from the saved step on.
 RESUME_FIXED = ("model", "data", "task", "num_examples", "teacher_slip", "batch_size", "max_length", "truncation",
-                "eval_n", "seed", "fsdp")
+                "eval_n", "eval_data", "seed", "fsdp")
 
 
 def check_config(cfg):
@@ -227,6 +230,7 @@ def main(cfg):
     where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
     model, tok = load(cfg.model, where, dtype, seed=cfg.seed)
     examples = load_examples(cfg, tok, context_length(model))  # every row is checked before the first step
+    eval_rows = E.read_rows(cfg.eval_data, tok, cfg.max_length) if cfg.eval_data else []
     step, data, st = 0, ShuffledCycle(len(examples), cfg.seed), None
     if dist.is_main():
         lock_out(cfg.out)                        # one run at a time in OUT
@@ -247,11 +251,19 @@ def main(cfg):
         set_rng_state(st["rng"])
     model.train()
 
+    def eval_accuracy():  # --eval-data: greedy, scored by the accuracy checker (no random numbers drawn)
+        with dist.gathered(model):
+            return E.evaluate(model, tok, eval_rows, rewards.accuracy_reward, cfg.max_new_tokens)[0]["accuracy"]
+    before = (st or {}).get("eval_before")
+    if eval_rows and st is None:
+        before = eval_accuracy()
+        print(f"held-out greedy accuracy before SFT: {before:.3f} on {len(eval_rows)} rows of {cfg.eval_data}")
+
     def checkpoint():  # rank 0 writes: the replicas are identical (SFT draws no random numbers)
         weights, optim = dist.model_state(model), dist.optimizer_state(model, opt)  # --fsdp: gathered, collective
         if dist.is_main():
             save(model, tok, cfg.out, {"optimizer": optim, "scheduler": sched.state_dict(), "step": step,
-                                       "data": data.state(), "rng": rng_state(),
+                                       "data": data.state(), "rng": rng_state(), "eval_before": before,
                                        "config": vars(cfg)}, weights)
         dist.barrier()
 
@@ -298,6 +310,12 @@ def main(cfg):
         result = {"held_out_accuracy": acc, "n": cfg.eval_n}
         print(f"held-out greedy accuracy after SFT: {acc:.3f} on {cfg.eval_n} {cfg.task} problems")
         print("sample:", repr(comps[0]))
+    if eval_rows:
+        after = eval_accuracy()
+        result = {"held_out_accuracy_before": before, "held_out_accuracy": after, "n": len(eval_rows),
+                  "eval_data": cfg.eval_data}
+        print(f"held-out greedy accuracy on {len(eval_rows)} rows of {cfg.eval_data}: before SFT {before:.3f} "
+              f"-> after SFT {after:.3f}")
     if dist.is_main():
         with open(os.path.join(cfg.out, "sft_result.json"), "w") as f:
             json.dump(result, f)

@@ -161,3 +161,21 @@ def test_dpo_eval_data_before_and_after(tmp_path, trained):
     res = json.load(open(os.path.join(out, "result.json")))
     assert res["held_out_accuracy_before"] == 0.6 and res["n"] == 10
     assert [h["step"] for h in res["history"]] == [0, 2]
+
+
+def test_sft_eval_data_before_and_after(tmp_path, trained):
+    """sft.py --eval-data: the held-out rows are scored by the accuracy checker before SFT (exactly
+    evaluate()'s 6 of 10 on the same model) and after, into sft_result.json."""
+    model, tok = M.load(trained)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i + 3}"}]} for i in range(10, 20)]
+    answers = [rewards.extract_answer(c) for c in E.complete(model, tok, rows, 1, 48, 1.0, 256, greedy=True)]
+    assert all(answers)
+    for i, (r, a) in enumerate(zip(rows, answers)):
+        r["answer"] = a if i < 6 else "x"
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "s")
+    sft.main(sft.SFTConfig(model=trained, task="add2", eval_data=str(held), out=out, steps=2, batch_size=4,
+                           num_examples=8, eval_n=0, save_every=0, threads=TEST_THREADS))
+    res = json.load(open(os.path.join(out, "sft_result.json")))
+    assert res["held_out_accuracy_before"] == 0.6 and res["n"] == 10 and 0 <= res["held_out_accuracy"] <= 1
