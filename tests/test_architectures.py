@@ -132,8 +132,10 @@ def test_one_sft_and_one_grpo_step(dirs, family, tmp_path):
     sft.main(sft.SFTConfig(model=path, data=str(sft_data), out=s_out, steps=1, batch_size=4, lr=1e-3, warmup=1,
                            eval_n=0, save_every=0, threads=TEST_THREADS))
     grpo.main(grpo.GRPOConfig(model=path, init=s_out, data=str(rl_data), out=g_out, steps=1, num_prompts=2,
-                              num_generations=2, max_new_tokens=4, eval_n=0, sample_every=0, save_every=0,
+                              num_generations=4, max_new_tokens=4, eval_n=0, sample_every=0, save_every=0,
                               threads=TEST_THREADS, reward_funcs="toy_rewards:first_char", reward_weights="1"))
+    # (4 samples per prompt: the weights-moved check below needs one group whose first characters are not all
+    # the same, i.e. a non-zero advantage, whatever the samples this processor draws)
     with open(os.path.join(s_out, "sft_metrics.jsonl")) as f:
         assert all(torch.isfinite(torch.tensor(json.loads(line)["loss"])) for line in f)
     with open(os.path.join(g_out, "metrics.jsonl")) as f:

@@ -26,7 +26,7 @@ def test_pass_at_k_hand_values():
     assert E.pass_at_k(5, 2, 2) == pytest.approx(0.7, abs=1e-15)
     assert E.pass_at_k(5, 2, 4) == 1.0
     assert E.pass_at_k(10, 3, 3) == pytest.approx(1 - 35 / 120, abs=1e-15)
-    assert E.pass_at_k(8, 0, 8) == 0.0
+    assert E.pass_at_k(8, 0, 8) == 0.0     # exact: an empty product is 1.0, and 1.0 - 1.0 is 0.0
     for c in range(9):
         assert E.pass_at_k(8, c, 1) == pytest.approx(c / 8, abs=1e-15)
         assert E.pass_at_k(8, c, 4) == pytest.approx(1 - math.comb(8 - c, 4) / math.comb(8, 4), abs=1e-15)
