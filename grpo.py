@@ -39,14 +39,11 @@ REINFORCE with the group mean as baseline. Watch reward, not loss; ratio and cli
 so you can see when the trust region is actually doing something (num_iterations > 1).
 """
 import copy
-import importlib
 import json
 import math
 import os
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +87,8 @@ class GRPOConfig:
     reward_funcs: str = ""         # comma list of rewards.REWARD_FUNCS names or module:function;
                                    # empty = the task's checker + format
     reward_weights: str = ""       # comma list, same length; empty = 1.0 for the checker, 0.1 for format (TinyZero)
+    reward_timeout: float = 300.0  # seconds one reward function may take on one step's batch; its samples
+                                   # abstain past it (rewards.call); 0 = unbounded
     advantage: str = "grpo"        # grpo | rloo
     scale_rewards: str = "group"   # group | batch | none (none = Dr. GRPO)
     loss_type: str = "dapo"        # grpo | dapo | dr_grpo (see the README's name map)
@@ -143,6 +142,7 @@ def check_config(cfg):
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
         (cfg.grad_clip > 0, f"--grad-clip must be > 0, got {cfg.grad_clip}"),
+        (cfg.reward_timeout >= 0, f"--reward-timeout must be >= 0 (0 = unbounded), got {cfg.reward_timeout}"),
         one_of("advantage", cfg.advantage, ("grpo", "rloo")),
         one_of("scale-rewards", cfg.scale_rewards, ("group", "batch", "none")),
         one_of("loss-type", cfg.loss_type, ("grpo", "dapo", "dr_grpo")),
@@ -168,10 +168,15 @@ def check_config(cfg):
 # Rewards -> advantages
 
 def resolve_reward_funcs(cfg):
-    names = cfg.reward_funcs.split(",") if cfg.reward_funcs else (
-        ["countdown" if cfg.task == "countdown" and not cfg.data else "accuracy", "format"])
+    """--reward-funcs (rewards.resolve: names, name(key=value), module:function) and --reward-weights.
+    Empty: the task's checker + format; --overlong-cache adds DAPO's soft_overlong."""
+    spec = cfg.reward_funcs or ("countdown" if cfg.task == "countdown" and not cfg.data else "accuracy") + ",format"
     if cfg.overlong_cache > 0:
-        names.append("soft_overlong")
+        spec += ",soft_overlong"
+    try:
+        names, funcs = rewards.resolve(spec, vars(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else (
             [0.1 if n == "format" else 1.0 for n in names])
@@ -181,128 +186,26 @@ def resolve_reward_funcs(cfg):
         raise ConfigError(f"--reward-weights must be finite numbers, got {cfg.reward_weights!r}")
     if len(weights) != len(names):
         raise ConfigError(f"--reward-weights has {len(weights)} values for {len(names)} reward functions")
-    funcs = []
-    for n in names:
-        if n == "soft_overlong":
-            funcs.append(rewards.soft_overlong_punishment(cfg.max_new_tokens, cfg.overlong_cache))
-        elif ":" in n:  # a function of your own: --reward-funcs accuracy,my_rewards:length_bonus
-            mod, _, fn = n.partition(":")
-            try:
-                f = getattr(importlib.import_module(mod), fn)
-            except ImportError as e:
-                raise ConfigError(f"--reward-funcs {n!r}: cannot import module {mod!r} ({e})") from None
-            except AttributeError:
-                raise ConfigError(f"--reward-funcs {n!r}: module {mod!r} has no {fn!r}") from None
-            if not callable(f):
-                raise ConfigError(f"--reward-funcs {n!r}: {fn!r} is not a function")
-            funcs.append(f)
-        elif n in rewards.REWARD_FUNCS:
-            funcs.append(rewards.REWARD_FUNCS[n])
-        else:
-            raise ConfigError(f"--reward-funcs: unknown reward function {n!r} (built in: "
-                              f"{', '.join(rewards.REWARD_FUNCS)}; or module:function)")
     return names, funcs, weights
 
 
-def score(funcs, weights, prompts, completions, completion_ids, columns, device="cpu", extra=None):
-    """Run every reward function. Returns per-function rewards (N, F) with NaN where a function
+def score(funcs, weights, prompts, completions, completion_ids, columns, device="cpu", extra=None, timeout=None):
+    """Run every reward function (rewards.call: its own copies, faults and overruns of `timeout` seconds
+    cost only the samples they hit). Returns per-function rewards (N, F) with NaN where a function
     abstained, and their weighted sum (N,), NaN where every function abstained, both on `device` (the
     model's: the advantages made from them meet the log-probs there, and on CUDA the advantage kernel
-    takes them). weights: F floats.
-
-    A function abstains on a sample when it returns None for it (TRL's convention), returns something
-    that is not a finite number (NaN, inf, a string), returns an array that is not 1-D, or raises (sys.exit
-    included). Each function gets its own copies of the completions and columns. Not bounded: the time a
-    function takes (one that hangs blocks the run; it is named on stderr, REWARD_REPORT_AFTER_S).
-    Reward functions are user code run on model output for hours: one sample that trips them must cost that sample's reward, not the run. A
-    function that raises on the batch is called again sample by sample, so only the samples that make
-    it raise abstain. Each kind of fault is reported once per function on stderr (with the traceback);
-    the metric rewards/<fn>/abstained counts the samples each function did not score, every step.
-
-    A function may return its values with a `.metrics` dict of counts (code_reward: runs, timeouts, ...):
-    they are added into extra[i] (one dict per function) for the step's metrics, rewards/<fn>/<key>."""
+    takes them). weights: F floats. A function may return its values with a `.metrics` dict of counts
+    (code_reward: runs, timeouts, ...): they are added into extra[i] (one dict per function), logged as
+    rewards/<fn>/<key>; rewards/<fn>/abstained counts the samples each function did not score."""
     N = len(completions)
     extra = extra if extra is not None else [{} for _ in funcs]
-    per_fn = torch.tensor([_call_reward(f, prompts, completions, completion_ids, columns, extra[i])
+    per_fn = torch.tensor([rewards.call(f, prompts, completions, completion_ids, columns, extra[i], timeout)
                            for i, f in enumerate(funcs)],
                           dtype=torch.float32, device=device).T.reshape(N, len(funcs))  # (N, F)
     weighted = per_fn * torch.as_tensor(weights, dtype=torch.float32, device=device)     # (N, F)
     total = torch.nansum(weighted, dim=1)
     total[torch.isnan(per_fn).all(1)] = math.nan
     return per_fn, total
-
-
-# A reward call that runs longer than this is reported while it runs (on stderr, once per call), so a
-# function that hangs is named. It is not stopped: a thread cannot be killed, running it in one would
-# break the signal-based timeouts reward code often uses (signals reach the main thread only), and a
-# process would need picklable functions. Bound untrusted code with rewards.code_reward's sandbox.
-REWARD_REPORT_AFTER_S = 60.0
-
-
-def _call_reward(f, prompts, completions, completion_ids, columns, extra):
-    """One reward function on N samples -> N floats, NaN where it abstained or failed; the counts in
-    the `.metrics` of what it returned (if any) are added into the dict `extra`."""
-    N = len(completions)
-    slow = threading.Timer(REWARD_REPORT_AFTER_S, lambda: tqdm.write(
-        f"reward function {getattr(f, '__name__', repr(f))} has run for {REWARD_REPORT_AFTER_S:g} s on {N} "
-        f"sample(s) without returning (first completion: {completions[0][:80]!r}); it is not stopped",
-        file=sys.stderr))
-    slow.daemon = True
-    slow.start()
-    try:
-        return _call_reward_timed(f, prompts, completions, completion_ids, columns, extra)
-    finally:
-        slow.cancel()
-
-
-def _call_reward_timed(f, prompts, completions, completion_ids, columns, extra):
-    N = len(completions)
-    try:
-        # its own copies: a function that edits its inputs in place cannot change what the next function
-        # scores, nor what samples.jsonl logs
-        p, c, ids, cols = copy.deepcopy((prompts, completions, completion_ids, columns))
-        ret = f(p, c, completion_ids=ids, **cols)
-        if getattr(ret, "ndim", 1) != 1:  # an (N, 1) array would make N values of one element each
-            _report_fault(f, "returned an array that is not 1-D",
-                          f"shape {tuple(ret.shape)} for {N} completions: return one number per completion")
-            return [math.nan] * N
-        values = list(ret)
-    except (Exception, SystemExit) as e:  # sys.exit() in a reward function must not end training
-        _report_fault(f, "called sys.exit" if isinstance(e, SystemExit) else "raised", traceback.format_exc())
-        if N == 1:
-            return [math.nan]
-        return [_call_reward(f, prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
-                             {k: v[i:i + 1] for k, v in columns.items()}, extra)[0] for i in range(N)]
-    if len(values) != N:
-        _report_fault(f, "returned the wrong number of values", f"{len(values)} values for {N} completions")
-        return [math.nan] * N
-    for k, v in (getattr(ret, "metrics", None) or {}).items():
-        extra[k] = extra.get(k, 0) + v
-    out = []
-    for v in values:
-        if v is None:   # abstains by choice: not a fault
-            out.append(math.nan)
-            continue
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            x = math.inf
-        if not math.isfinite(x):
-            _report_fault(f, "returned a value that is not a finite number", repr(v))
-            x = math.nan
-        out.append(x)
-    return out
-
-
-_reported_faults = set()
-
-
-def _report_fault(f, kind, detail):
-    name = getattr(f, "__name__", repr(f))
-    if (name, kind) not in _reported_faults:
-        _reported_faults.add((name, kind))
-        tqdm.write(f"reward function {name} {kind} (its samples abstain; reported once, counted in "
-                   f"rewards/<fn>/abstained):\n{detail}", file=sys.stderr)
 
 
 def group_advantages(rewards_, G, scale="group", rloo=False, eps=1e-4):
@@ -582,7 +485,7 @@ def main(cfg):
             texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
             columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in {k for r in rows for k in r} - {"prompt"}}
             columns["prompt_text"] = tok.batch_decode(ids)  # rendered: shows a <think> the template pre-fills
-            per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns, device, fn_metrics)
+            per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns, device, fn_metrics, cfg.reward_timeout)
             rounds += 1
             seen_groups += Pl
             keep = torch.ones(Pl, dtype=torch.bool, device=device)

@@ -27,13 +27,23 @@ Expressions written by the model are evaluated with `safe_eval`, a bounded AST e
 fractions, never with `eval` (which would run arbitrary code, and `9**9**9` would hang the trainer).
 """
 import ast
+import copy
+import importlib
+import inspect
 import json
+import math
 import random
 import re
 import secrets
+import signal
+import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 from fractions import Fraction
+
+from tqdm import tqdm
 
 
 @dataclass
@@ -244,9 +254,12 @@ def format_reward(prompts, completions, prompt_text=None, **kw):
     return out
 
 
-def soft_overlong_punishment(max_completion_length, cache_length):
-    """DAPO (Yu et al. 2025, eq. 13): 0 up to L_max - L_cache tokens, then a linear ramp down to -1 at
-    L_max, and -1 beyond (a truncated completion has length L_max here, so it gets -1)."""
+def soft_overlong_punishment(max_new_tokens, overlong_cache):
+    """DAPO (Yu et al. 2025, eq. 13), L_max = max_new_tokens, L_cache = overlong_cache: 0 up to
+    L_max - L_cache tokens, then a linear ramp down to -1 at L_max, and -1 beyond (a truncated
+    completion has length L_max here, so it gets -1). A maker (REWARD_MAKERS): both numbers come from
+    grpo.py's flags of the same names unless --reward-funcs gives them."""
+    max_completion_length, cache_length = max_new_tokens, overlong_cache
     start = max_completion_length - cache_length
 
     def soft_overlong(prompts, completions, completion_ids, **kw):
@@ -432,3 +445,206 @@ def _normalise_output(text):
 
 REWARD_FUNCS = {"accuracy": accuracy_reward, "countdown": countdown_reward, "format": format_reward,
                 "code": code_reward}
+
+# Reward functions that need numbers (a length budget, a cap) are made by a maker: maker(**params) ->
+# reward function. Each parameter named like a flag of the script (grpo.py's max_new_tokens) takes that
+# flag's value unless the spec gives it; the others take the spec's value or the maker's default.
+REWARD_MAKERS = {"soft_overlong": soft_overlong_punishment}
+
+
+# -----------------------------------------------------------------------------
+# Choosing reward functions: --reward-funcs "accuracy,format,soft_overlong(overlong_cache=8),mine:fn"
+
+def parse_spec(spec):
+    """'a,b(k=1,s=x),mod:fn' -> [('a', {}), ('b', {'k': 1, 's': 'x'}), ('mod:fn', {})]. Values are
+    Python literals (numbers, strings, True/False) or else plain strings. Commas inside (...) do not split."""
+    items, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    out = []
+    for item in (i.strip() for i in items):
+        m = re.fullmatch(r"([\w.:]+)(?:\((.*)\))?", item)
+        if not m or depth != 0:
+            raise ValueError(f"--reward-funcs: cannot read {item!r} (expected name, name(key=value, ...) or "
+                             f"module:function)")
+        params = {}
+        for kv in filter(None, (x.strip() for x in (m.group(2) or "").split(","))):
+            k, eq, v = kv.partition("=")
+            if not eq or not k.strip().isidentifier():
+                raise ValueError(f"--reward-funcs {item!r}: parameter {kv!r} is not key=value")
+            try:
+                params[k.strip()] = ast.literal_eval(v.strip())
+            except (ValueError, SyntaxError):
+                params[k.strip()] = v.strip()
+        out.append((m.group(1), params))
+    return out
+
+
+def resolve(spec, config=None):
+    """The reward functions a spec names -> (names, functions). config: the script's flags (a dict),
+    which fill a maker's parameters of the same names. Every problem is a ValueError naming the item."""
+    config = config or {}
+    names, funcs = [], []
+    for name, params in parse_spec(spec):
+        if ":" in name:  # a function of your own: mod:fn, or a maker of your own: mod:fn(k=v)
+            mod, _, attr = name.partition(":")
+            try:
+                f = getattr(importlib.import_module(mod), attr)
+            except ImportError as e:
+                raise ValueError(f"--reward-funcs {name!r}: cannot import module {mod!r} ({e})") from None
+            except AttributeError:
+                raise ValueError(f"--reward-funcs {name!r}: module {mod!r} has no {attr!r}") from None
+            if not callable(f):
+                raise ValueError(f"--reward-funcs {name!r}: {attr!r} is not a function")
+            maker = f if params else None
+        elif name in REWARD_MAKERS:
+            f, maker = None, REWARD_MAKERS[name]
+        elif name in REWARD_FUNCS:
+            if params:
+                raise ValueError(f"--reward-funcs {name!r} takes no parameters (makers that do: "
+                                 f"{', '.join(REWARD_MAKERS)})")
+            f, maker = REWARD_FUNCS[name], None
+        else:
+            raise ValueError(f"--reward-funcs: unknown reward function {name!r} (built in: "
+                             f"{', '.join([*REWARD_FUNCS, *REWARD_MAKERS])}; or module:function)")
+        if maker is not None:
+            sig = inspect.signature(maker)
+            unknown = set(params) - set(sig.parameters)
+            if unknown:
+                raise ValueError(f"--reward-funcs {name!r}: unknown parameter(s) {', '.join(sorted(unknown))} "
+                                 f"(it takes {', '.join(sig.parameters)})")
+            given = {k: config[k] for k in sig.parameters if k in config and k not in params}
+            missing = [k for k, p in sig.parameters.items()
+                       if p.default is p.empty and k not in params and k not in given]
+            if missing:
+                raise ValueError(f"--reward-funcs {name!r}: give {', '.join(missing)}, e.g. {name}({missing[0]}=...)")
+            try:
+                f = maker(**given, **params)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"--reward-funcs {name!r}: {e}") from None
+        names.append(name)
+        funcs.append(f)
+    return names, funcs
+
+
+# -----------------------------------------------------------------------------
+# Calling a reward function: user code, run in the trainer's process on model output for hours. One
+# sample that trips it must cost that sample's reward, not the run.
+
+class RewardTimeout(BaseException):
+    """Raised in the main thread when a reward call overruns its bound. A BaseException, so that a
+    reward function's own `except Exception` does not swallow it."""
+
+
+_watch = {"armed": False}
+
+
+def _overrun(signum, frame):
+    if _watch["armed"]:
+        _watch["armed"] = False
+        raise RewardTimeout()
+
+
+def _bounded(fn, seconds, what):
+    """fn() within `seconds`: at the deadline a watchdog thread signals the main thread (SIGUSR1), whose
+    handler raises RewardTimeout where fn is. This stops Python code (loops, sleeps, waits); code that
+    never returns to the interpreter (one C call: a huge regex, 10**10**8) cannot be interrupted and is
+    named on stderr instead. Unbounded off the main thread or without signals (Windows)."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or \
+            not hasattr(signal, "pthread_kill"):
+        return fn()
+    if signal.getsignal(signal.SIGUSR1) is not _overrun:
+        signal.signal(signal.SIGUSR1, _overrun)
+    main = threading.main_thread().ident
+    stuck = threading.Timer(seconds + 10.0, lambda: tqdm.write(
+        f"{what} ran past its {seconds:g} s limit and cannot be interrupted (it is inside one call into C code); "
+        f"training waits for it", file=sys.stderr))
+    timer = threading.Timer(seconds, lambda: (signal.pthread_kill(main, signal.SIGUSR1), stuck.start()))
+    timer.daemon = stuck.daemon = True
+    _watch["armed"] = True
+    timer.start()
+    try:
+        return fn()
+    finally:
+        _watch["armed"] = False   # a signal that arrives from here on is ignored
+        timer.cancel()
+        stuck.cancel()
+        if timer.is_alive():
+            timer.join()
+        stuck.cancel()
+
+
+def call(f, prompts, completions, completion_ids, columns, metrics=None, timeout=None):
+    """One reward function on N samples -> N floats, NaN where it abstained or failed; the counts in the
+    `.metrics` of what it returned (if any) are added into the dict `metrics`.
+
+    A function abstains on a sample when it returns None for it (TRL's convention), returns something
+    that is not a finite number (NaN, inf, a string), returns an array that is not 1-D, raises (sys.exit
+    included), or runs past `timeout` seconds. It gets its own copies of its inputs, so editing them in
+    place changes neither what the next function scores nor what is logged. A call that raises or runs
+    out of time is made again sample by sample (each with timeout / N), so only the samples that trip
+    it abstain, and the report names them. Each kind of fault is reported once per function on stderr."""
+    N = len(completions)
+    metrics = metrics if metrics is not None else {}
+    name = getattr(f, "__name__", repr(f))
+    try:
+        p, c, ids, cols = copy.deepcopy((prompts, completions, completion_ids, columns))
+        ret = _bounded(lambda: f(p, c, completion_ids=ids, **cols), timeout, f"reward function {name}")
+        if getattr(ret, "ndim", 1) != 1:  # an (N, 1) array would make N values of one element each
+            _report_fault(f, "returned an array that is not 1-D",
+                          f"shape {tuple(ret.shape)} for {N} completions: return one number per completion")
+            return [math.nan] * N
+        values = list(ret)
+    except (Exception, SystemExit, RewardTimeout) as e:  # sys.exit() in a reward function must not end training
+        if isinstance(e, RewardTimeout):
+            kind = "ran past its time limit"
+            detail = (f"{timeout:g} s on {N} sample(s)" + (f"; scoring them one by one, {timeout / N:.3g} s each, "
+                                                            f"to find which" if N > 1 else
+                                                            f": this completion abstains: {completions[0][:200]!r}"))
+        else:
+            kind, detail = "called sys.exit" if isinstance(e, SystemExit) else "raised", traceback.format_exc()
+        _report_fault(f, kind, detail, repeat=3 if N == 1 and isinstance(e, RewardTimeout) else 1)
+        if N == 1:
+            return [math.nan]
+        each = timeout / N if timeout and isinstance(e, RewardTimeout) else timeout
+        return [call(f, prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
+                     {k: v[i:i + 1] for k, v in columns.items()}, metrics, each)[0] for i in range(N)]
+    if len(values) != N:
+        _report_fault(f, "returned the wrong number of values", f"{len(values)} values for {N} completions")
+        return [math.nan] * N
+    for k, v in (getattr(ret, "metrics", None) or {}).items():
+        metrics[k] = metrics.get(k, 0) + v
+    out = []
+    for v in values:
+        if v is None:   # abstains by choice: not a fault
+            out.append(math.nan)
+            continue
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = math.inf
+        if not math.isfinite(x):
+            _report_fault(f, "returned a value that is not a finite number", repr(v))
+            x = math.nan
+        out.append(x)
+    return out
+
+
+_reported_faults = {}
+
+
+def _report_fault(f, kind, detail, repeat=1):
+    """On stderr, the first `repeat` times this function shows this kind of fault (samples that time
+    out: the first 3, each named); rewards/<fn>/abstained counts every one."""
+    name = getattr(f, "__name__", repr(f))
+    seen = _reported_faults.get((name, kind), 0)
+    if seen < repeat:
+        _reported_faults[(name, kind)] = seen + 1
+        tqdm.write(f"reward function {name} {kind} (its samples abstain; counted in rewards/<fn>/abstained):"
+                   f"\n{detail}", file=sys.stderr)

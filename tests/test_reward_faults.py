@@ -63,13 +63,13 @@ def column(prompts, completions, **kw):
 
 @pytest.fixture(autouse=True)
 def _fresh_reports(monkeypatch):
-    monkeypatch.setattr(grpo, "_reported_faults", set())
+    monkeypatch.setattr(rewards, "_reported_faults", {})
 
 
-def run_score(funcs, completions, weights=None, **columns):
+def run_score(funcs, completions, weights=None, timeout=None, **columns):
     n = len(completions)
     w = torch.tensor(weights or [1.0] * len(funcs))
-    return score(funcs, w, ["p"] * n, completions, [[1]] * n, columns)
+    return score(funcs, w, ["p"] * n, completions, [[1]] * n, columns, timeout=timeout)
 
 
 def nan_equal(a, b):
@@ -209,13 +209,68 @@ def test_no_nan_reaches_metrics_jsonl(tmp_path):
     assert m["rewards/test_reward_faults:column/mean"] is None and m["rewards/test_reward_faults:column/abstained"] == 4
 
 
-def test_a_slow_reward_function_is_named_while_it_runs(capsys, monkeypatch):
+def test_a_reward_function_that_hangs_is_stopped_and_only_its_hanging_samples_abstain(capsys):
+    """Bounded time: a function that hangs on one sample (a busy loop; another sleeps) is stopped at the
+    --reward-timeout bound, called again sample by sample to find which, and only that sample abstains; the
+    report names the function and the sample. Bounded: the whole call takes about 2 x the bound, not forever."""
+    import time
+
+    def spins_on_x(prompts, completions, **kw):
+        for c in completions:
+            while "x" in c:          # pure Python: the interpreter sees the signal between bytecodes
+                pass
+        return [1.0] * len(completions)
+
+    def sleeps_on_x(prompts, completions, **kw):
+        if any("x" in c for c in completions):
+            time.sleep(3600)         # a blocking call: the signal interrupts it
+        return [2.0] * len(completions)
+
+    t0 = time.monotonic()
+    per_fn, R = run_score([spins_on_x, sleeps_on_x], ["a", "bx", "c"], timeout=0.6)
+    took = time.monotonic() - t0
+    assert nan_equal(per_fn, torch.tensor([[1.0, 2.0], [math.nan, math.nan], [1.0, 2.0]]))
+    assert took < 2 * 2 * 0.6 + 1.0          # two functions, each: the batch bound + the per-sample bounds
+    err = capsys.readouterr().err
+    assert "reward function spins_on_x ran past its time limit" in err and "0.6 s on 3 sample(s)" in err
+    assert "this completion abstains: 'bx'" in err                                       # which sample
+
+
+def test_a_reward_function_cannot_swallow_its_timeout():
+    """RewardTimeout is a BaseException: a function's own `except Exception` does not keep it running."""
+    def stubborn(prompts, completions, **kw):
+        while True:
+            try:
+                while True:
+                    pass
+            except Exception:
+                continue
+    per_fn, _ = run_score([stubborn], ["a"], timeout=0.3)
+    assert math.isnan(per_fn.item())
+
+
+def test_without_a_bound_a_slow_function_finishes():
     import time
 
     def dawdles(prompts, completions, **kw):
-        time.sleep(0.5)
+        time.sleep(0.3)
         return [1.0] * len(completions)
-    monkeypatch.setattr(grpo, "REWARD_REPORT_AFTER_S", 0.1)
-    per_fn, _ = run_score([dawdles], ["ab"])
-    assert per_fn.tolist() == [[1.0]]                                  # reported, not stopped
-    assert "reward function dawdles has run for 0.1 s on 1 sample(s) without returning" in capsys.readouterr().err
+    assert run_score([dawdles], ["ab"], timeout=0)[0].tolist() == [[1.0]]
+    assert run_score([dawdles], ["ab"], timeout=5)[0].tolist() == [[1.0]]   # within its bound: untouched
+
+
+def test_reward_specs_with_parameters():
+    """--reward-funcs 'name(key=value)': a maker's parameters from the spec, else from the flags of the same
+    name, else its defaults; every mistake is a sentence naming the item."""
+    assert rewards.parse_spec("accuracy, soft_overlong(overlong_cache=8, max_new_tokens=20),m:f") == [
+        ("accuracy", {}), ("soft_overlong", {"overlong_cache": 8, "max_new_tokens": 20}), ("m:f", {})]
+    names, funcs = rewards.resolve("soft_overlong(overlong_cache=5)", {"max_new_tokens": 20, "overlong_cache": 0})
+    ids = [[0] * n for n in (15, 16, 20, 21)]
+    assert names == ["soft_overlong"] and funcs[0](None, [""] * 4, ids) == [0.0, -0.2, -1.0, -1.0]
+    for spec, msg in [("accuracy(x=1)", "takes no parameters"), ("soft_overlong(bogus=1)", "unknown parameter"),
+                      ("soft_overlong", "give max_new_tokens, overlong_cache"), ("acc(", "cannot read"),
+                      ("nope", "unknown reward function 'nope'"), ("no_such_module_xyz:f", "cannot import")]:
+        with pytest.raises(ValueError, match=msg):
+            rewards.resolve(spec, {})
+    with pytest.raises(grpo.ConfigError, match="unknown parameter"):
+        grpo.resolve_reward_funcs(grpo.GRPOConfig(reward_funcs="accuracy,soft_overlong(bogus=1)"))

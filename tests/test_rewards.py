@@ -185,7 +185,7 @@ def test_format_reward_conversational_prompt():
 
 def test_soft_overlong_punishment_hand_values():
     """L_max=20, L_cache=5: 0 up to 15 tokens, then -(n-15)/5, and -1 from 20 on."""
-    f = soft_overlong_punishment(max_completion_length=20, cache_length=5)
+    f = soft_overlong_punishment(max_new_tokens=20, overlong_cache=5)
     ids = [[1] * n for n in (10, 15, 16, 18, 20, 21)]
     got = f(["p"] * 6, ["c"] * 6, completion_ids=ids)
     assert got == pytest.approx([0.0, 0.0, -0.2, -0.6, -1.0, -1.0], abs=1e-12)
