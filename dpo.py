@@ -67,13 +67,12 @@ from tqdm import tqdm
 import dist
 import evaluate as E
 import kernels
-import plot
+import lifecycle as run
 import rewards
 import sft
-from model import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_flags, check_resume,
-                   check_text_or_messages, context_length, encode_example, encode_prompt, load, load_state, lock_out,
-                   metrics_line, parse_config, read_jsonl, rng_state, save, seed_everything, set_rng_state,
-                   token_logprobs, trim_log, write_config)
+from data import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_text_or_messages, collate,
+                  encode_example, encode_prompt, read_jsonl)
+from model import context_length, token_logprobs
 from rollout import generate
 
 
@@ -108,6 +107,7 @@ class DPOConfig:
     eval_data: str = ""            # held-out JSONL (GRPO's prompt format: prompt + answer), scored greedy by
                                    # `accuracy` before / every --eval-every / after (evaluate.py)
     eval_every: int = 0            # also every N steps, for the learning curve (0 = only before/after)
+    eval_samples: int = 0          # k > 0: also pass@k and mean@k from k samples per prompt at --temperature
     save_every: int = 20
     resume: bool = False
     device: str = "cpu"
@@ -117,7 +117,7 @@ class DPOConfig:
     fsdp: bool = False             # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
 
 
-# What a checkpoint was made with: --resume refuses to change these (model.check_resume), and --steps
+# What a checkpoint was made with: --resume refuses to change these (lifecycle.check_resume), and --steps
 # with on-policy rounds (it sets where each round, with its pairs and reference, begins); any other
 # flag may change and is applied from the saved step on.
 RESUME_FIXED = ("model", "init", "data", "task", "loss", "batch_size", "max_length", "truncation", "rounds",
@@ -149,7 +149,7 @@ def check_config(cfg):
         (cfg.generation_batch >= 1, f"--generation-batch must be >= 1, got {cfg.generation_batch}"),
         (cfg.micro_batch >= 1, f"--micro-batch must be >= 1, got {cfg.micro_batch}"),
         *[(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
-          for k in ("eval_n", "eval_every", "save_every")],
+          for k in ("eval_n", "eval_every", "eval_samples", "save_every")],
         (cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}"),
         (cfg.kernels in kernels.MODES, f"--kernels must be one of {', '.join(kernels.MODES)}, got {cfg.kernels!r}"),
         (bool(cfg.data) or cfg.task in rewards.TASKS, f"--task must be one of {', '.join(rewards.TASKS)}, got {cfg.task!r}"),
@@ -215,7 +215,7 @@ def collate_pairs(pairs, pad_id, device):
     """B pairs -> one batch of 2B rows, chosen rows first, then rejected: input_ids, attention_mask
     (2B, P+C) as [left-padded prompt | right-padded completion], completion mask (2B, C)."""
     examples = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    return sft.collate(examples, pad_id, device)
+    return collate(examples, pad_id, device)
 
 
 def pair_logps(model, pairs, pad_id, device):
@@ -279,9 +279,9 @@ def split_prompt(row):
 
 
 def encode_pair(tok, row, max_length, context=None):
-    """A JSONL row -> Pair of token ids; model.encode_example does the templating (no double BOS/EOS).
+    """A JSONL row -> Pair of token ids; data.encode_example does the templating (no double BOS/EOS).
     Within --max-length and the model's context (max_position_embeddings); the text is checked first
-    (model.check_data_text); a pair whose two completions are the same teaches nothing: refused."""
+    (data.check_data_text); a pair whose two completions are the same teaches nothing: refused."""
     prompt, chosen, rejected = split_prompt(row)
     for c in (chosen, rejected):
         check_data_text(tok, prompt, c, max_tokens=max_length, limit="--max-length")
@@ -337,7 +337,7 @@ def sample_pairs(model, tok, problems, cfg):
             comps += [row[m.bool()].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
             texts += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
     rows = [p.row() for p in problems for _ in range(k)]
-    check = rewards.countdown_reward if problems[0].columns else rewards.accuracy_reward
+    check = rewards.REWARD_FUNCS[E.checker(cfg.task)]
     scores = check([r["prompt"] for r in rows], texts, **{c: [r[c] for r in rows] for c in rows[0] if c != "prompt"})
     index, counts = build_pairs(scores, k, cfg.pairs_per_prompt)
     pairs = [Pair(flat[w], comps[w], comps[l]) for w, l in index]
@@ -349,219 +349,173 @@ def sample_pairs(model, tok, problems, cfg):
 
 
 # -----------------------------------------------------------------------------
+# A round: its pairs, their reference log-probs, the order they are drawn in
+
+@dataclass
+class Round:
+    index: int
+    pairs: list                # Pair
+    ref: torch.Tensor          # (N, 2) reference log-probs [chosen, rejected] of every pair, on the CPU
+    cycle: ShuffledCycle       # epochs over the pairs
+    stats: dict                # pairs/* counts, time/pairs: logged with every step of the round
+
+
+def start_round(cfg, model, tok, r, stream, file_pairs, logs, resume_data=None):
+    """Round r: from OUT/ref_logps.pt when resuming inside it (the reference cannot be recomputed from
+    trained weights), else built now: the file's pairs, or pairs sampled on-policy (each rank samples
+    and scores its slice of the problems; all ranks then hold all pairs), scored by the current model
+    as the round's reference, cached."""
+    cache_path = os.path.join(cfg.out, "ref_logps.pt")
+    device = next(model.parameters()).device
+    if resume_data is not None:
+        cache = torch.load(cache_path, weights_only=False) if os.path.exists(cache_path) else None
+        if cache is None or cache["round"] != r:
+            raise FileNotFoundError(f"--resume: no reference log-probs for round {r} in {cache_path}; they "
+                                    f"cannot be recomputed from the trained weights")
+        pairs = file_pairs if cfg.data else [Pair(*p) for p in cache["pairs"]]
+        if cache["fingerprint"] != fingerprint(pairs):
+            raise ValueError(f"--resume: {cache_path} belongs to other pairs (did --data change?)")
+        rnd = Round(r, pairs, cache["ref"], ShuffledCycle(len(pairs), cfg.seed + 1000 * r), cache["stats"])
+        rnd.cycle.load(resume_data["pairs"])
+        return rnd
+    t0 = time.time()
+    if cfg.data:  # (every rank scores every pair: the same work, in the time of one process)
+        pairs, shown, stats = file_pairs, [], {"pairs/num": len(file_pairs)}
+        ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch)  # (N, 2)
+    else:
+        pairs, shown, stats = sample_pairs(model, tok, dist.shard(stream.take(cfg.num_prompts)), cfg)
+        # (N, 2); called with no pairs too: under --fsdp every rank must join the gathering
+        ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch)
+        parts = dist.gather_objects((pairs, ref, stats))
+        pairs, ref = [p for ps, _, _ in parts for p in ps], torch.cat([x for _, x, _ in parts])
+        stats = {k: sum(s[k] for _, _, s in parts) for k in stats}       # counts add up
+        stats["pairs/sampled_accuracy"] /= len(parts)                  # equal shards: the mean
+        if not pairs:
+            raise RuntimeError(f"round {r}: no prompt had both a correct and an incorrect sample "
+                               f"({stats}); sample more (--num-prompts, --num-generations, --temperature)")
+    stats["time/pairs"] = time.time() - t0                   # sampling, scoring, reference
+    if dist.is_main():
+        torch.save({"round": r, "fingerprint": fingerprint(pairs), "ref": ref, "stats": stats,
+                    "pairs": None if cfg.data else [(p.prompt, p.chosen, p.rejected) for p in pairs]}, cache_path)
+        tqdm.write(f"[round {r}] {json.dumps(stats)}")
+        for x in shown:
+            tqdm.write(f"  {x['prompt']!r}: chosen {x['chosen']!r} / rejected {x['rejected']!r}")
+    logs.samples([{"round": r, **x} for x in (shown if dist.is_main() else [])])
+    return Round(r, pairs, ref, ShuffledCycle(len(pairs), cfg.seed + 1000 * r), stats)
+
+
+# -----------------------------------------------------------------------------
+# One step
+
+def train_step(cfg, model, opt, sched, rnd, pad_id):
+    """One optimizer step on the next --batch-size pairs of the round (this rank's share of them,
+    micro-batch by micro-batch). Returns the step's metrics (TRL's names), means over the global batch."""
+    device = next(model.parameters()).device
+    model.eval()  # no dropout: the policy scores a pair as the reference did (h = 0 at step 0)
+    idx = rnd.cycle.take(cfg.batch_size)
+    B = len(idx)                                                  # the global batch: every mean is over B
+    idx = dist.shard(idx)                                         # this rank's pairs
+    opt.zero_grad(set_to_none=True)
+    sums = dict.fromkeys(("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+                          "logps/rejected"), 0.0)
+    num_tokens = 0
+    for i in range(0, len(idx), cfg.micro_batch):
+        mb = idx[i:i + cfg.micro_batch]
+        seq_sums, lens = pair_logps(model, [rnd.pairs[j] for j in mb], pad_id, device)  # (2b,)
+        b = len(mb)
+        ref_sums = rnd.ref[mb].to(device)                         # (b, 2)
+        pi = sequence_logps(seq_sums, lens, cfg.loss)             # (2b,): chosen rows, then rejected
+        ref_seq = sequence_logps(ref_sums.T.reshape(-1), lens, cfg.loss)
+        losses, rw_c, rw_r = dpo_loss(pi[:b], pi[b:], ref_seq[:b], ref_seq[b:], cfg.beta, cfg.loss, cfg.label_smoothing)
+        (losses.sum() / B).backward()                             # micro-batch share of the batch mean
+        sums["loss"] += float(losses.detach().sum()) / B
+        sums["rewards/chosen"] += float(rw_c.sum()) / B
+        sums["rewards/rejected"] += float(rw_r.sum()) / B
+        # TRL's convention: strictly chosen reward > rejected reward; a tie counts as not accurate. At
+        # policy == reference (a round's first step) both rewards are rounding noise around 0 (this pass
+        # can batch and pad the pairs otherwise than the reference pass did): that value is noise too.
+        sums["rewards/accuracies"] += float((rw_c > rw_r).float().sum()) / B
+        sums["logps/chosen"] += float(pi[:b].detach().sum()) / B
+        sums["logps/rejected"] += float(pi[b:].detach().sum()) / B
+        num_tokens += int(lens.sum())
+    grad_norm, skipped = run.optimizer_step(model, opt, sched, cfg.grad_clip)
+    sums = {k: dist.all_sum(v) for k, v in sums.items()}
+    return {"round": rnd.index, **sums, "rewards/margins": sums["rewards/chosen"] - sums["rewards/rejected"],
+            "grad_norm": float(grad_norm), "skipped_steps": int(skipped), "learning_rate": sched.get_last_lr()[0],
+            "num_tokens": int(dist.all_sum(num_tokens)), "epoch": rnd.cycle.epoch + rnd.cycle.pos / len(rnd.pairs),
+            **rnd.stats}
+
+
+def read_pairs(cfg, tok, model, start):
+    """--data: every row checked and tokenized, before anything is written (None: on-policy pairs)."""
+    if cfg.data:
+        pairs, context = [], context_length(model)
+        read_jsonl(cfg.data, lambda row: pairs.append(encode_pair(tok, row, cfg.max_length, context)), cfg.truncation)
+        return pairs
+    if not getattr(tok, "chat_template", None):  # on-policy prompts are conversational
+        raise ValueError(f"{start}: the built-in task's prompts are conversational and this tokenizer has no chat "
+                         f"template; give --data pairs as plain strings, or a model with a template")
+    return None
+
+
+# -----------------------------------------------------------------------------
 
 def main(cfg):
-    check_flags(cfg, check_config)               # before anything is loaded or written
-    torch.set_num_threads(cfg.threads)
-    kernels.set_mode(cfg.kernels)
-    device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op
-    rank, world = dist.rank(), dist.world()
-    seed_everything(cfg.seed + rank)             # ranks sample differently; rank 0 is the single-process run
-    print(json.dumps(vars(cfg)))
-    held = rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n and not cfg.data else []
-
-    # The cold start, as in grpo.py: the default init directory is built by sft.py the first time.
+    # ---- setup: flags, the cold start (with --data and the default --init: --model itself), pairs, OUT
+    device = run.start(cfg, check_config)
     own_data = cfg.data and cfg.init == DPOConfig.init   # your pairs, your --model
-    if cfg.init != "scratch" and not own_data and not os.path.isdir(cfg.init):
-        if cfg.init != DPOConfig.init:
-            raise FileNotFoundError(f"--init {cfg.init!r} does not exist (use 'scratch' to start from --model)")
-        if world > 1:
-            raise FileNotFoundError(f"--init {cfg.init!r} does not exist: run sft.py (or torchrun sft.py) first")
-        print(f"no cold-start checkpoint at {cfg.init}: running sft.py first")
-        sft.main(sft.SFTConfig(model=cfg.model, task=cfg.task, out=cfg.init, device=cfg.device,
-                               seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n, kernels=cfg.kernels))
-        seed_everything(cfg.seed)
-    start = cfg.model if cfg.init == "scratch" or own_data else cfg.init
-    where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
-    model, tok = load(start, where, dtype, seed=cfg.seed)
-    file_pairs = None
-    if cfg.data:  # every row is checked and tokenized here, before anything is written
-        file_pairs = []
-        context = context_length(model)
-        read_jsonl(cfg.data, lambda row: file_pairs.append(encode_pair(tok, row, cfg.max_length, context)),
-                   cfg.truncation)
-    elif not getattr(tok, "chat_template", None):  # on-policy prompts are conversational
-        raise ValueError(f"{start}: the built-in task's prompts are conversational and this tokenizer has no "
-                         f"chat template; give --data pairs as plain strings, or a model with a template")
-    stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)  # GRPO's prompt stream
-    eval_rows = E.read_rows(cfg.eval_data, tok, cfg.max_length) if cfg.eval_data else []
-    if dist.is_main():
-        lock_out(cfg.out)                        # one run at a time in OUT
-    if cfg.resume:  # every check before the first write; the weights of the last checkpoint (whole: sharded below)
-        st = load_state(cfg.out)
-        check_resume(cfg, st.get("config"), RESUME_FIXED + (() if cfg.data else ("steps",)))
-        if cfg.data:  # a file of another size cannot continue the saved position (start_round loads it)
-            ShuffledCycle(len(file_pairs), cfg.seed).load(st["data"]["pairs"])
-        model.load_state_dict(load(cfg.out, where, dtype)[0].state_dict())
-    if dist.is_main():
-        write_config(cfg, cfg.out)
-    if cfg.fsdp:
-        model = dist.shard_model(model, device)
-    opt = torch.optim.AdamW(dist.param_groups(model), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sft.cosine_lr(s, cfg.warmup, cfg.steps))
-    rounds = 1 if cfg.data else cfg.rounds                            # a file's pairs: one round, one reference
-    per_round = -(-cfg.steps // rounds)                               # steps per round (ceil)
-    step, history, rounds_log, data_state = 0, [], [], None
-    if cfg.resume:
-        dist.resume_optimizer(model, opt, sched, st["optimizer"], st["scheduler"])
-        step, history, rounds_log, data_state = st["step"], st["history"], st["rounds"], st["data"]
-        stream.seek(data_state["stream"])
-        set_rng_state(st["rng_by_rank"][rank] if len(st.get("rng_by_rank", ())) == world else st["rng"])
-
-    def evaluate():
-        if eval_rows:  # --eval-data: its rows, scored by the accuracy checker
-            with dist.gathered(model):
-                acc = E.evaluate(model, tok, eval_rows, rewards.accuracy_reward, cfg.max_new_tokens)[0]["accuracy"]
-        else:
-            acc = sft.evaluate(model, tok, held, cfg.max_new_tokens)[0]
-        history.append({"step": step, "held_out_accuracy": acc})
-        return acc
-
-    cache_path = os.path.join(cfg.out, "ref_logps.pt")
-    pairs = ref = cycle = None
-
-    def start_round(r):
-        """This round's pairs and their reference log-probs: from the cache when resuming inside the
-        round, else built now (sampled on-policy, or the file's) and scored by the current model."""
-        nonlocal pairs, ref, cycle
-        cache = torch.load(cache_path, weights_only=False) if os.path.exists(cache_path) else None
-        resuming = data_state is not None and (step % per_round or cfg.data)
-        if resuming:
-            if cache is None or cache["round"] != r:
-                raise FileNotFoundError(f"--resume: no reference log-probs for round {r} in {cache_path}; they "
-                                        f"cannot be recomputed from the trained weights")
-            pairs = file_pairs if cfg.data else [Pair(*p) for p in cache["pairs"]]
-            if cache["fingerprint"] != fingerprint(pairs):
-                raise ValueError(f"--resume: {cache_path} belongs to other pairs (did --data change?)")
-            ref, stats = cache["ref"], cache["stats"]
-        else:
-            t0 = time.time()
-            if cfg.data:  # (every rank scores every pair: the same work, in the time of one process)
-                pairs, shown, stats = file_pairs, [], {"pairs/num": len(file_pairs)}
-                ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch)  # (N, 2)
-            else:  # each rank samples and scores its slice of the problems; all ranks then hold all pairs
-                pairs, shown, stats = sample_pairs(model, tok, dist.shard(stream.take(cfg.num_prompts)), cfg)
-                # (N, 2); called with no pairs too: under --fsdp every rank must join the gathering
-                ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch)
-                parts = dist.gather_objects((pairs, ref, stats))
-                pairs, ref = [p for ps, _, _ in parts for p in ps], torch.cat([x for _, x, _ in parts])
-                stats = {k: sum(s[k] for _, _, s in parts) for k in stats}       # counts add up
-                stats["pairs/sampled_accuracy"] /= len(parts)                  # equal shards: the mean
-                if not pairs:
-                    raise RuntimeError(f"round {r}: no prompt had both a correct and an incorrect sample "
-                                       f"({stats}); sample more (--num-prompts, --num-generations, --temperature)")
-            stats["time/pairs"] = time.time() - t0                   # sampling, scoring, reference
-            if dist.is_main():
-                torch.save({"round": r, "fingerprint": fingerprint(pairs), "ref": ref, "stats": stats,
-                            "pairs": None if cfg.data else [(p.prompt, p.chosen, p.rejected) for p in pairs]},
-                           cache_path)
-            rounds_log.append({"round": r, "step": step, **stats})
-            if dist.is_main():
-                tqdm.write(f"[round {r}] {json.dumps(stats)}")
-            for s in (shown if dist.is_main() else []):
-                samples_log.write(json.dumps({"round": r, **s}) + "\n")
-                tqdm.write(f"  {s['prompt']!r}: chosen {s['chosen']!r} / rejected {s['rejected']!r}")
-            samples_log.flush()
-        cycle = ShuffledCycle(len(pairs), cfg.seed + 1000 * r)
-        if resuming:
-            cycle.load(data_state["pairs"])
-        return stats
-
-    def checkpoint():  # rank 0 writes (the replicas are identical); every rank's RNG goes with it
-        rngs = dist.gather_objects(rng_state())
-        weights, optim = dist.model_state(model), dist.optimizer_state(model, opt)  # --fsdp: gathered, collective
-        if dist.is_main():
-            save(model, tok, cfg.out, {"optimizer": optim, "scheduler": sched.state_dict(), "step": step,
-                                       "history": history, "rounds": rounds_log, "rng": rngs[0], "rng_by_rank": rngs,
-                                       "data": {"stream": stream.position, "pairs": cycle.state()},
-                                       "config": vars(cfg)}, weights)
-        dist.barrier()
-
-    evaluating = bool(held or eval_rows)
-    if evaluating and step == 0:
-        print(f"held-out greedy accuracy before DPO: {evaluate():.3f}")
-    if cfg.resume and dist.is_main():
-        trim_log(os.path.join(cfg.out, "metrics.jsonl"), step)
-    logs = cfg.out if dist.is_main() else None   # only rank 0 writes
-    mode = "a" if cfg.resume else "w"            # a fresh run starts its logs empty: OUT holds one run
-    log = open(os.path.join(logs, "metrics.jsonl") if logs else os.devnull, mode)
-    samples_log = open(os.path.join(logs, "samples.jsonl") if logs else os.devnull, mode)
+    start = cfg.model if own_data else sft.cold_start(cfg, DPOConfig.init)
+    model, tok = run.load_model(start, device, cfg)
+    file_pairs = read_pairs(cfg, tok, model, start)
+    stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1,                # GRPO's prompt stream
+                                   exclude=rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n and not cfg.data else [])
+    held = E.HeldOut(cfg, tok, E.criterion(cfg), cfg.max_length, cfg.max_new_tokens, cfg.temperature)
+    state = run.open_out(cfg, RESUME_FIXED + (() if cfg.data else ("steps",)))
+    if state:
+        if cfg.data:  # a file of another size cannot continue the saved position
+            ShuffledCycle(len(file_pairs), cfg.seed).load(state["data"]["pairs"])
+        run.restore_weights(model, cfg, device)
+    run.write_config(cfg)
+    model = run.shard(model, cfg, device)
+    opt, sched = run.optimizer(cfg, model, run.cosine_lr(cfg.warmup, cfg.steps), state, betas=(0.9, 0.99))
+    per_round = -(-cfg.steps // (1 if cfg.data else cfg.rounds))     # steps per round (ceil); a file: one round
+    step, held.history, rounds_log = (state["step"], state["history"], state["rounds"]) if state else (0, [], [])
+    if state:
+        stream.seek(state["data"]["stream"])
+    logs, rnd = run.Logs(cfg, step), None
+    if held and step == 0:
+        print(f"held-out greedy accuracy before DPO: {held(model, tok, step, logs)['held_out_accuracy']:.3f}")
+    save = lambda: run.checkpoint(cfg, model, tok, opt, sched, step, history=held.history, rounds=rounds_log,
+                                  data={"stream": stream.position, "pairs": rnd.cycle.state()})
     bar = tqdm(total=cfg.steps, initial=step, desc="dpo", dynamic_ncols=True, disable=not dist.is_main())
-    round_stats = {}
     while step < cfg.steps:
-        r = step // per_round
-        if pairs is None or step % per_round == 0:
-            round_stats = start_round(r)
-            data_state = None                                         # resumed: from here on, a normal run
+        if rnd is None or step % per_round == 0:                      # a round: pairs and their reference
+            resuming = state is not None and rnd is None and (step % per_round or cfg.data)
+            rnd = start_round(cfg, model, tok, step // per_round, stream, file_pairs, logs,
+                              state["data"] if resuming else None)
+            if not resuming:
+                rounds_log.append({"round": rnd.index, "step": step, **rnd.stats})
         t0 = time.time()
-        model.eval()  # no dropout: the policy scores a pair as the reference did (h = 0 at step 0)
-        idx = cycle.take(cfg.batch_size)
-        B = len(idx)                                                  # the global batch: every mean is over B
-        idx = dist.shard(idx)                                         # this rank's pairs
-        opt.zero_grad(set_to_none=True)
-        acc = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                "logps/chosen", "logps/rejected")}
-        num_tokens = 0
-        for i in range(0, len(idx), cfg.micro_batch):
-            mb = idx[i:i + cfg.micro_batch]
-            sums, lens = pair_logps(model, [pairs[j] for j in mb], tok.pad_token_id, device)  # (2b,)
-            b = len(mb)
-            ref_sums = ref[mb].to(device)                             # (b, 2)
-            pi = sequence_logps(sums, lens, cfg.loss)                 # (2b,): chosen rows, then rejected
-            ref_seq = sequence_logps(ref_sums.T.reshape(-1), lens, cfg.loss)
-            losses, rw_c, rw_r = dpo_loss(pi[:b], pi[b:], ref_seq[:b], ref_seq[b:], cfg.beta, cfg.loss,
-                                          cfg.label_smoothing)
-            (losses.sum() / B).backward()                             # micro-batch share of the batch mean
-            acc["loss"] += float(losses.detach().sum()) / B
-            acc["rewards/chosen"] += float(rw_c.sum()) / B
-            acc["rewards/rejected"] += float(rw_r.sum()) / B
-            # TRL's convention: strictly chosen reward > rejected reward; a tie counts as not accurate. At
-            # policy == reference (a round's first step) both rewards are rounding noise around 0 (this pass
-            # can batch and pad the pairs otherwise than the reference pass did): that value is noise too.
-            acc["rewards/accuracies"] += float((rw_c > rw_r).float().sum()) / B
-            acc["logps/chosen"] += float(pi[:b].detach().sum()) / B
-            acc["logps/rejected"] += float(pi[b:].detach().sum()) / B
-            num_tokens += int(lens.sum())
-        dist.sync_grads(model)                                        # sum over ranks: the global batch's gradient
-        acc = {k: dist.all_sum(v) for k, v in acc.items()}
-        num_tokens = int(dist.all_sum(num_tokens))
-        grad_norm = dist.clip_grad_norm_(model, cfg.grad_clip)
-        skipped = not torch.isfinite(grad_norm)
-        if not skipped:  # a NaN/inf gradient would poison the weights and Adam's moments: skip the update
-            opt.step()
-        sched.step()
+        m = {"step": step + 1, **train_step(cfg, model, opt, sched, rnd, tok.pad_token_id)}   # one step
         step += 1
-
-        # ---- metrics (TRL names) -------------------------------------------------------------------
-        metrics = {"step": step, "round": r, **acc, "rewards/margins": acc["rewards/chosen"] - acc["rewards/rejected"],
-                   "grad_norm": float(grad_norm), "skipped_steps": int(skipped), "learning_rate": sched.get_last_lr()[0],
-                   "num_tokens": num_tokens, "epoch": cycle.epoch + cycle.pos / len(pairs), **round_stats,
-                   "step_time": time.time() - t0}
-        if evaluating and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            metrics["held_out_accuracy"] = evaluate()
-        log.write(metrics_line(metrics))
-        log.flush()
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.2f}",
-                        acc=f"{metrics['rewards/accuracies']:.2f}", round=r)
+        if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            m.update(held(model, tok, step, logs))
+        logs.metrics({**m, "step_time": time.time() - t0})
+        bar.set_postfix(loss=f"{m['loss']:.3f}", margin=f"{m['rewards/margins']:.2f}",
+                        acc=f"{m['rewards/accuracies']:.2f}", round=rnd.index)
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            checkpoint()
+            save()
     bar.close()
     summary = {}
-    if evaluating:
-        summary = {**sft.before_after(history, evaluate(), len(held) or len(eval_rows),
-                                      cfg.task if held else cfg.eval_data, "DPO"), "rounds": rounds_log}
-    if cycle is not None:
-        checkpoint()
-    if dist.is_main():
-        with open(os.path.join(cfg.out, "result.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    log.close()
-    samples_log.close()
-    if dist.is_main():
-        print("curves:", plot.draw(cfg.out))   # OUT/curves.svg: every metric over the steps
+    if held:                                                          # ---- the end
+        held(model, tok, step, logs)
+        summary = {**held.summary("DPO"), "rounds": rounds_log}
+    if rnd is not None:
+        save()
+    run.finish(cfg, logs, summary)
     return model, tok, summary
 
 
 if __name__ == "__main__":
-    main(parse_config(DPOConfig))
+    main(run.parse_config(DPOConfig))

@@ -22,16 +22,23 @@ when it scores full marks (>= 1: a right answer; for code_reward every test). A 
 
 Writes nothing unless --out is given: then OUT/eval_result.json (the numbers) and OUT/eval_samples.jsonl
 (every prompt's greedy completion and score).
+
+Inside training (sft.py, grpo.py, dpo.py) the same code runs as `HeldOut`: the rows of --eval-data, or
+the built-in task's held-out problems, scored before the first step, every --eval-every steps and at the
+end, into metrics.jsonl (held_out_accuracy, held_out/pass@k, held_out/mean@k), result.json (before,
+after, history) and samples.jsonl (a few completions, "eval": true). Same model, same rows: the same
+numbers here as there (one batch size, one decoding path; tested).
 """
-import importlib
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 
+import dist
 import rewards
-from model import TooLong, check_data_text, check_text_or_messages, encode_prompt, load, read_jsonl
+from data import TooLong, check_data_text, check_text_or_messages, encode_prompt, read_jsonl
+from model import load
 from rollout import generate
 
 
@@ -46,7 +53,7 @@ class EvalConfig:
     temperature: float = 1.0     # for the samples
     max_new_tokens: int = 48
     max_prompt_length: int = 512
-    batch_size: int = 256        # prompts per generate call
+    batch_size: int = 250        # prompts per generate call (training's: the same batches, the same numbers)
     out: str = ""                # write eval_result.json + eval_samples.jsonl here
     device: str = "cpu"
     seed: int = 0
@@ -64,23 +71,30 @@ def pass_at_k(n, c, k):
     return 1.0 - p
 
 
+def checker(task):
+    """The built-in task's success criterion: its exact checker."""
+    return "countdown" if task == "countdown" else "accuracy"
+
+
 def resolve_reward(name, task, builtin):
-    """The success criterion as a reward function f(prompts, completions, **columns)."""
-    if not name:
-        name = "countdown" if builtin and task == "countdown" else "accuracy"
-    if ":" in name:   # a function of your own: my_rewards:exact
-        mod, fn = name.split(":")
-        return name, getattr(importlib.import_module(mod), fn)
-    if name not in rewards.REWARD_FUNCS:
-        raise ValueError(f"--reward {name!r}: unknown (built in: {', '.join(rewards.REWARD_FUNCS)}; or module:function)")
-    return name, rewards.REWARD_FUNCS[name]
+    """The success criterion (a rewards.resolve spec of one function; empty: the built-in task's
+    checker, accuracy for --data) -> (name, reward function)."""
+    names, funcs = rewards.resolve(name or (checker(task) if builtin else "accuracy"))
+    if len(funcs) != 1:
+        raise ValueError(f"--reward names one function, got {name!r}")
+    return names[0], funcs[0]
 
 
 def load_rows(cfg, tok):
     """Eval rows {"prompt", columns...}: the built-in held-out problems, or the rows of --data."""
     if not cfg.data:
-        return [p.row() for p in rewards.held_out(cfg.task, cfg.n)]
+        return builtin_rows(cfg.task, cfg.n)
     return read_rows(cfg.data, tok, cfg.max_prompt_length)
+
+
+def builtin_rows(task, n):
+    """The built-in task's n held-out problems as eval rows (never seen in training: rewards.held_out)."""
+    return [p.row() for p in rewards.held_out(task, n)]
 
 
 def read_rows(path, tok, max_prompt_length):
@@ -95,40 +109,38 @@ def read_rows(path, tok, max_prompt_length):
 
 
 def score(reward_fn, rows, completions, k=1):
-    """Scores (len(rows) * k floats) of completions laid out row by row, k per row; None/NaN -> 0."""
+    """Scores (len(rows) * k floats) of completions laid out row by row, k per row. The reward runs as in
+    training (rewards.call: its own copies, faults contained); a sample it does not score counts 0."""
     prompts = [r["prompt"] for r in rows for _ in range(k)]
     cols = {c: [r.get(c) for r in rows for _ in range(k)] for c in {c for r in rows for c in r} - {"prompt"}}
-    values = list(reward_fn(prompts, completions, **cols))
-    if len(values) != len(completions):
-        raise ValueError(f"the reward returned {len(values)} values for {len(completions)} completions")
-    out = []
-    for v in values:
-        x = 0.0 if v is None else float(v)
-        out.append(x if x == x else 0.0)   # NaN: abstained
-    return out
+    values = rewards.call(reward_fn, prompts, completions, [None] * len(completions), cols)
+    return [x if x == x else 0.0 for x in values]   # NaN: abstained
 
 
 @torch.no_grad()
-def complete(model, tok, rows, k, max_new_tokens, temperature, batch_size, greedy):
+def complete(model, tok, rows, k, max_new_tokens, temperature, batch_size, greedy, engine="auto"):
     """Decoded completions, row by row, k per row (greedy: k = 1)."""
     training = model.training
     model.eval()
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows for _ in range(k)]
     out = []
     for i in range(0, len(prompts), batch_size):
-        r = generate(model, tok, prompts[i:i + batch_size], max_new_tokens, temperature, greedy=greedy)
+        r = generate(model, tok, prompts[i:i + batch_size], max_new_tokens, temperature, greedy=greedy, engine=engine)
         out += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
     model.train(training)
     return out
 
 
-def evaluate(model, tok, rows, reward_fn, max_new_tokens=48, samples=0, temperature=1.0, batch_size=256):
-    """The numbers (module docstring) and the greedy completions with their scores."""
-    greedy = complete(model, tok, rows, 1, max_new_tokens, 1.0, batch_size, greedy=True)
+def evaluate(model, tok, rows, reward_fn, max_new_tokens=48, samples=0, temperature=1.0, batch_size=250,
+             engine="auto"):
+    """The numbers (module docstring) and the greedy completions with their scores. Greedy decoding
+    draws no random numbers; the k samples draw from the global torch generator (HeldOut forks it)."""
+    greedy = complete(model, tok, rows, 1, max_new_tokens, 1.0, batch_size, greedy=True, engine=engine)
     scores = score(reward_fn, rows, greedy)
     result = {"accuracy": sum(scores) / len(scores), "n": len(rows)}
     if samples:
-        comps = complete(model, tok, rows, samples, max_new_tokens, temperature, batch_size, greedy=False)
+        comps = complete(model, tok, rows, samples, max_new_tokens, temperature, batch_size, greedy=False,
+                         engine=engine)
         s = score(reward_fn, rows, comps, samples)                                     # (n_rows * k,)
         per_row = [s[i * samples:(i + 1) * samples] for i in range(len(rows))]
         passes = [sum(x >= 1.0 for x in r) for r in per_row]
@@ -138,6 +150,66 @@ def evaluate(model, tok, rows, reward_fn, max_new_tokens=48, samples=0, temperat
             result[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in passes) / len(rows)
         result["temperature"] = temperature
     return result, list(zip(rows, greedy, scores))
+
+
+# -----------------------------------------------------------------------------
+# Inside training
+
+def criterion(cfg, first=None):
+    """A run's success criterion on its held-out set: the built-in task's checker, and for --eval-data
+    `first` (grpo.py passes its first reward function) or `accuracy`."""
+    if cfg.eval_data:
+        return first or rewards.accuracy_reward
+    return rewards.REWARD_FUNCS[checker(cfg.task)]
+
+
+class HeldOut:
+    """A training run's held-out set and its success criterion. Called with the model at a step, it
+    evaluates (greedy; + pass@k / mean@k with samples = k > 0), records the numbers in `history` (saved
+    with the checkpoint) and keeps two scored completions in `shown` for samples.jsonl. Falsy when the
+    run has no held-out set (--eval-data empty and, with --data or --eval-n 0, no built-in one)."""
+
+    def __init__(self, cfg, tok, reward_fn, max_prompt_length, max_new_tokens, temperature=1.0):
+        """cfg: the script's flags (eval_data, eval_n, data, task, eval_samples)."""
+        if cfg.eval_data:
+            self.rows, self.name = read_rows(cfg.eval_data, tok, max_prompt_length), cfg.eval_data
+        elif cfg.eval_n and not cfg.data:
+            self.rows, self.name = builtin_rows(cfg.task, cfg.eval_n), cfg.task
+        else:
+            self.rows, self.name = [], ""
+        self.reward_fn, self.max_new_tokens = reward_fn, max_new_tokens
+        self.samples, self.temperature = cfg.eval_samples, temperature
+        self.history, self.shown = [], []
+
+    def __bool__(self):
+        return bool(self.rows)
+
+    def __call__(self, model, tok, step, logs=None):
+        """-> the metrics of this evaluation: held_out_accuracy (+ held_out/pass@k, held_out/mean@k); two
+        scored completions go to logs.samples (samples.jsonl) when logs are given."""
+        # the k samples draw from a generator of their own: evaluating never moves training's streams
+        devices = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
+        with dist.gathered(model), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(1234 + step)
+            result, greedy = evaluate(model, tok, self.rows, self.reward_fn, self.max_new_tokens, self.samples,
+                                      self.temperature, engine=dist.rollout_engine(model))
+        m = {"held_out_accuracy": result["accuracy"],
+             **{f"held_out/{k}": v for k, v in result.items() if k.startswith(("pass@", "mean@"))}}
+        self.history.append({"step": step, **m})
+        self.shown = [{"step": step, "eval": True, "prompt": rewards._prompt_text(r["prompt"]), "completion": c,
+                       "score": s} for r, c, s in greedy[:2]]
+        if logs is not None:
+            logs.samples(self.shown)
+        return m
+
+    def summary(self, algo):
+        """The closing line and result.json's numbers: accuracy at the first evaluation and at the last."""
+        before, after = self.history[0]["held_out_accuracy"], self.history[-1]["held_out_accuracy"]
+        n = len(self.rows)
+        print(f"\nheld-out greedy accuracy on {n} {self.name} problems: before {algo} {before:.3f} -> after {algo} "
+              f"{after:.3f} ({'+' if after >= before else ''}{100 * (after - before):.1f} points)")
+        return {"held_out_accuracy_before": before, "held_out_accuracy_after": after, "n": n,
+                "history": self.history}
 
 
 def main(cfg):
@@ -164,5 +236,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    from model import parse_config
+    from lifecycle import parse_config
     main(parse_config(EvalConfig))

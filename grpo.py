@@ -5,9 +5,26 @@
     python grpo.py --model PATH --init PATH --data prompts.jsonl --device cuda --lr 1e-6 --out runs/qwen
     torchrun --nproc_per_node=8 grpo.py ...   # (multi-process: see README)
 
-One step: sample num_prompts prompts -> G completions each (rollout.py) -> rewards (rewards.py),
-a weighted sum -> group advantages -> pi_old (and pi_ref) log-probs without grad -> num_iterations
-optimizer steps on the clipped surrogate (+ KL) -> metrics line (TRL names) -> checkpoint.
+One step, the phases of main (P = --num-prompts, G = --num-generations, B = P*G rows, T = prompt width,
+C = completion width <= --max-new-tokens, F = reward functions, V = vocabulary):
+
+  prompts_src.take(P)           P rows {"prompt", columns...}, each repeated G times (groups consecutive)
+    | 1. rollout()              sample_and_score: rollout.generate on the current policy, then rewards.call
+    v                           per function; --dynamic-sampling repeats it and merge_rounds joins the rounds
+  Batch.roll                    input_ids, attention_mask (B, T+C); completion_mask, loss_mask,
+                                logprobs (B, C) (sampler's); truncated (B,)
+  Batch.per_fn (B, F) -> rewards (B,) = sum_f w_f * r_f        (NaN: nobody scored that sample)
+    | 2. advantages()           group_advantages over the global batch: (R - baseline_g) / (std_g + eps)
+    v
+  Batch.advantages (B,)
+    | 3. fixed_logprobs()       no grad: old_logp (B, C) if --num-iterations > 1, ref_logp (B, C) if --beta
+    v
+    | 4. update()               per micro-batch: token_logprobs (b, C) [hidden (b, C, H) @ lm_head, never
+    |                           (B, C, V) at once] -> per_token_loss (b, C) -> aggregate (a scalar, the
+    |                           micro-batch's share of the batch loss) -> backward; then optimizer_step
+    v                           (sum over ranks, clip, AdamW; skipped if non-finite) x num_iterations
+  5. step_metrics -> metrics.jsonl (TRL names); held-out eval every --eval-every; samples.jsonl
+  6. checkpoint every --save-every (lifecycle.checkpoint)
 
 Algorithmic choices (each a flag; the defaults and where they come from):
 1. Group-relative advantages, A_i = (R_i - mean_g R) / (std_g R + 1e-4), unbiased std over the G
@@ -39,9 +56,7 @@ REINFORCE with the group mean as baseline. Watch reward, not loss; ratio and cli
 so you can see when the trust region is actually doing something (num_iterations > 1).
 """
 import copy
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -49,16 +64,16 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import kernels
-import plot
 import dist
 import evaluate as E
+import kernels
+import lifecycle as run
 import rewards
 import sft
-from model import (TRUNCATION, ConfigError, DataError, ShuffledCycle, TooLong, check_data_text, check_flags,
-                   check_resume, check_text_or_messages, completion_hidden, context_length, encode_prompt, load,
-                   load_state, lock_out, metrics_line, parse_config, read_jsonl, rng_state, save, seed_everything,
-                   set_rng_state, token_logprobs, trim_log, write_config)
+from data import TRUNCATION, DataError, ShuffledCycle, TooLong, check_data_text, check_text_or_messages, \
+    encode_prompt, read_jsonl
+from lifecycle import ConfigError
+from model import completion_hidden, context_length, token_logprobs
 from rollout import Rollout, generate
 
 
@@ -107,6 +122,7 @@ class GRPOConfig:
     eval_data: str = ""            # held-out JSONL (the --data format), scored greedy by the first reward
                                    # function, before / every --eval-every / after (evaluate.py)
     eval_every: int = 10           # also every N steps, for the learning curve (0 = only before/after)
+    eval_samples: int = 0          # k > 0: also pass@k and mean@k from k samples per prompt at --temperature
     sample_every: int = 10         # print and log a few completions every N steps
     save_every: int = 25
     resume: bool = False
@@ -117,7 +133,7 @@ class GRPOConfig:
     fsdp: bool = False             # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
 
 
-# What a checkpoint was made with: --resume refuses to change these (model.check_resume); any other
+# What a checkpoint was made with: --resume refuses to change these (lifecycle.check_resume); any other
 # flag may change (e.g. --steps to extend a run, --lr, --beta) and is applied from the saved step on.
 RESUME_FIXED = ("model", "init", "data", "task", "num_prompts", "num_generations", "max_prompt_length", "truncation",
                 "eval_n", "eval_data", "seed", "fsdp")
@@ -143,7 +159,7 @@ def check_config(cfg):
         (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
         (cfg.grad_clip > 0, f"--grad-clip must be > 0, got {cfg.grad_clip}"),
         (cfg.reward_timeout >= 0, f"--reward-timeout must be >= 0 (0 = unbounded), got {cfg.reward_timeout}"),
-        one_of("advantage", cfg.advantage, ("grpo", "rloo")),
+        one_of("advantage", cfg.advantage, ESTIMATORS),
         one_of("scale-rewards", cfg.scale_rewards, ("group", "batch", "none")),
         one_of("loss-type", cfg.loss_type, ("grpo", "dapo", "dr_grpo")),
         (0 <= cfg.epsilon_low < 1, f"--epsilon-low must be in [0, 1), got {cfg.epsilon_low}"),
@@ -157,7 +173,7 @@ def check_config(cfg):
          f"--overlong-cache must be in [0, --max-new-tokens {cfg.max_new_tokens}], got {cfg.overlong_cache}"),
         (cfg.micro_batch >= 0, f"--micro-batch must be >= 0 (0 = the whole batch), got {cfg.micro_batch}"),
         *[(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
-          for k in ("eval_n", "eval_every", "sample_every", "save_every")],
+          for k in ("eval_n", "eval_every", "eval_samples", "sample_every", "save_every")],
         (cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}"),
         one_of("kernels", cfg.kernels, kernels.MODES),
         (bool(cfg.data) or cfg.task in rewards.TASKS, f"--task must be one of {', '.join(rewards.TASKS)}, got {cfg.task!r}"),
@@ -165,7 +181,7 @@ def check_config(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Rewards -> advantages
+# Rewards
 
 def resolve_reward_funcs(cfg):
     """--reward-funcs (rewards.resolve: names, name(key=value), module:function) and --reward-weights.
@@ -208,18 +224,186 @@ def score(funcs, weights, prompts, completions, completion_ids, columns, device=
     return per_fn, total
 
 
-def group_advantages(rewards_, G, scale="group", rloo=False, eps=1e-4):
+# -----------------------------------------------------------------------------
+# Prompts: the built-in task stream, or JSONL rows
+
+# The columns the built-in rewards read from a JSONL row, and their JSON types (None: that row abstains).
+REWARD_COLUMNS = {"accuracy": {"answer": (str, int, float)},
+                  "countdown": {"numbers": (list,), "target": (int, float)}}
+
+
+class Prompts:
+    """The prompt rows of each step: the built-in task's stream, or a --data file's rows (checked here:
+    text, reward columns, and length: prompt + --max-new-tokens within the model's context)."""
+
+    def __init__(self, cfg, tok, names=(), context=None):
+        self.builtin = not cfg.data
+        if self.builtin:  # never a held-out problem (rewards.held_out)
+            self.stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1,
+                                                exclude=rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n else [])
+            # built-in prompts are conversational: a tokenizer without a chat template fails here, not at step 1
+            encode_prompt(tok, rewards.Problem("1+1", "2", "").row()["prompt"])
+        else:
+            def check(row):  # read_jsonl reports any failure here as file:line
+                check_text_or_messages(row, "prompt")
+                for col, types in columns.items():  # (JSON true/false are bools, which Python counts as ints)
+                    v = row.get(col)
+                    if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+                        raise ValueError(f"field {col!r} must be {' or '.join(t.__name__ for t in types)}, "
+                                         f"got {type(v).__name__}")
+                check_data_text(tok, row["prompt"], max_tokens=cfg.max_prompt_length, limit="--max-prompt-length")
+                n = len(encode_prompt(tok, row["prompt"]))
+                if n > cfg.max_prompt_length:
+                    raise TooLong(f"prompt has {n} tokens > --max-prompt-length {cfg.max_prompt_length}")
+                if context is not None and n + cfg.max_new_tokens > context:
+                    raise TooLong(f"prompt has {n} tokens + --max-new-tokens {cfg.max_new_tokens} > the model's "
+                                  f"context of {context} positions (max_position_embeddings)")
+            columns = {c: t for n in names for c, t in REWARD_COLUMNS.get(n, {}).items()}
+            self.rows = read_jsonl(cfg.data, check, cfg.truncation)
+            for col in columns:  # a row may lack the column (that reward abstains on it), the file may not
+                if all(r.get(col) is None for r in self.rows):
+                    raise DataError(f"{cfg.data}: no row has the column {col!r} that the reward "
+                                    f"{'/'.join(n for n in names if col in REWARD_COLUMNS.get(n, {}))} reads")
+            self.cycle = ShuffledCycle(len(self.rows), cfg.seed)
+
+    def take(self, n):
+        return [p.row() for p in self.stream.take(n)] if self.builtin else [self.rows[i] for i in self.cycle.take(n)]
+
+    def state(self):
+        return {"position": self.stream.position} if self.builtin else self.cycle.state()
+
+    def load(self, s):
+        if self.builtin:
+            self.stream.seek(s["position"])
+        else:
+            self.cycle.load(s)
+
+
+# -----------------------------------------------------------------------------
+# Phase 1, rollout: sample G completions per prompt and score them (+ dynamic sampling)
+
+@dataclass
+class Batch:
+    """One step's rollouts on this rank and what the phases add to them. Rows: each of the step's
+    prompts G times, grouped (row g*G + j is sample j of prompt g)."""
+    roll: Rollout                   # ids, attention / completion / loss masks, sampling log-probs (rollout.py)
+    prompts: list                   # B prompts, as the data gave them
+    texts: list                     # B decoded completions
+    per_fn: torch.Tensor            # (B, F) each reward function's value, NaN where it abstained
+    rewards: torch.Tensor           # (B,) their weighted sum, NaN where every function abstained
+    keep: torch.Tensor = None       # (B/G,) bool: groups dynamic sampling keeps (all without it)
+    advantages: torch.Tensor = None  # (B,)                      phase 2
+    old_logp: torch.Tensor = None   # (B, C) pi_old, fixed       phase 3 (num_iterations > 1)
+    ref_logp: torch.Tensor = None   # (B, C) pi_ref, fixed       phase 3 (beta > 0)
+
+
+def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics):
+    """G completions for each row's prompt from the current policy, scored by every reward function."""
+    G = cfg.num_generations
+    prompts = [r["prompt"] for r in rows for _ in range(G)]           # each prompt G times, grouped
+    ids = [encode_prompt(tok, p) for p in prompts]
+    model.eval()
+    with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
+        roll = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                        engine=dist.rollout_engine(model, cfg.rollout_engine))
+    model.train()
+    comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
+    texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
+    # every column of the rows goes to the reward functions by name (TRL), and what grpo.py adds:
+    columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in {k for r in rows for k in r} - {"prompt"}}
+    columns["prompt_text"] = tok.batch_decode(ids)  # rendered: shows a <think> the template pre-fills
+    columns.setdefault("group", [i // G for i in range(len(prompts))])  # which samples share a prompt
+    per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns, roll.input_ids.device, fn_metrics,
+                      cfg.reward_timeout)
+    keep = torch.ones(len(rows), dtype=torch.bool, device=R.device)
+    if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
+        keep = _nanstd(R.view(len(rows), G)) > 0
+    return Batch(roll, prompts, texts, per_fn, R, keep)
+
+
+def rollout(cfg, model, tok, prompts_src, funcs, weights):
+    """This rank's batch of the step, and the round counts. Without --dynamic-sampling one round; with
+    it, rounds until num_prompts groups (over all ranks) have a reward spread, or max_resample extra
+    rounds are spent (all ranks decide together, so they stay on the same rows of the data stream)."""
+    rounds, fn_metrics = [], [{} for _ in funcs]   # fn_metrics: counts a reward reports (code: timeouts, ...)
+    kept = lambda: dist.all_sum(sum(int(r.keep.sum()) for r in rounds))
+    while True:
+        rows = dist.shard(prompts_src.take(cfg.num_prompts))          # every rank draws the global batch
+        rounds.append(sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics))
+        if not cfg.dynamic_sampling or kept() >= cfg.num_prompts or len(rounds) > cfg.max_resample:
+            break
+    info = {"fn_metrics": fn_metrics}
+    if cfg.dynamic_sampling:
+        info = {**info, "dynamic_sampling/rounds": len(rounds),
+                "dynamic_sampling/kept_frac": kept() / dist.all_sum(len(rows) * len(rounds))}
+    batch = merge_rounds(rounds, len(rows), cfg.num_generations, tok.pad_token_id)
+    if cfg.mask_truncated_completions:  # DAPO overlong filtering: no loss on completions that never ended
+        batch.roll.loss_mask[batch.roll.truncated] = 0.0
+    return batch, info
+
+
+def merge_rounds(rounds, P, G, pad_id):
+    """Join the rollout rounds of one step, keeping the groups marked `keep`, at most P groups (the
+    last round whole when no round kept any: zero advantages, nothing learned, nothing lost). Rows of
+    different rounds may differ in width: completions are right-padded to the longest, prompts
+    left-padded to the longest; the sampling log-probs and both masks travel with their rows."""
+    groups = [(b, g) for b in rounds for g in torch.nonzero(b.keep).flatten().tolist()]
+    if not groups:
+        groups = [(rounds[-1], g) for g in range(P)]
+    groups = groups[:P]
+    Pm = max(b.roll.prompt_len for b, _ in groups)
+    Cm = max(b.roll.completion_mask.shape[1] for b, _ in groups)
+    pad = lambda t, left, right, v: torch.nn.functional.pad(t, (left, right), value=v)
+    parts = {k: [] for k in ("ids", "attn", "cmask", "lmask", "logp", "trunc", "per_fn", "R")}
+    prompts, texts = [], []
+    for b, g in groups:
+        s, r = slice(g * G, (g + 1) * G), b.roll
+        pl, cl = r.prompt_len, r.completion_mask.shape[1]
+        parts["ids"].append(pad(r.input_ids[s], Pm - pl, Cm - cl, pad_id))
+        parts["attn"].append(pad(r.attention_mask[s], Pm - pl, Cm - cl, 0))
+        for key, t in (("cmask", r.completion_mask), ("lmask", r.loss_mask), ("logp", r.logprobs)):
+            parts[key].append(pad(t[s], 0, Cm - cl, 0.0))
+        parts["trunc"].append(r.truncated[s])
+        parts["per_fn"].append(b.per_fn[s])
+        parts["R"].append(b.rewards[s])
+        prompts += b.prompts[s]
+        texts += b.texts[s]
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    roll = Rollout(cat["ids"], cat["attn"], cat["cmask"], cat["logp"], cat["trunc"], Pm, cat["lmask"])
+    return Batch(roll, prompts, texts, cat["per_fn"], cat["R"], torch.ones(len(groups), dtype=torch.bool))
+
+
+# -----------------------------------------------------------------------------
+# Phase 2: group-relative advantages
+
+def advantages(cfg, R):
+    """Phase 2: advantages from the rewards of the global batch (--scale-rewards batch needs every rank's
+    rewards); this rank keeps its own rows. R (B,) -> (B,)."""
+    R_all, offset = dist.gather_cat(R)
+    return group_advantages(R_all, cfg.num_generations, cfg.scale_rewards, cfg.advantage)[offset:offset + len(R)]
+
+
+def group_advantages(rewards_, G, scale="group", estimator="grpo", eps=1e-4):
     """rewards (P*G,) grouped consecutively -> advantages (P*G,). NaN rewards (no scorable reward)
     get advantage 0 and are left out of their group's statistics. Std is the unbiased (n-1) one,
     as in TRL and verl; a group with fewer than 2 scored samples has nothing to compare: advantage 0.
-    On CUDA (--kernels auto) one Triton launch computes the same (kernels/advantage.py)."""
-    if kernels.active(rewards_):
+    On CUDA (--kernels auto) one Triton launch computes the estimators it knows (grpo, rloo;
+    kernels/advantage.py); any other runs here in PyTorch, on any device.
+
+    >>> group_advantages(torch.tensor([1., 0., 0., 1.]), 4, "none")      # centred: R - mean
+    tensor([ 0.5000, -0.5000, -0.5000,  0.5000])
+    >>> group_advantages(torch.tensor([1., 0., 0., 1.]), 4, "none", "rloo")  # R - mean of the others
+    tensor([ 0.6667, -0.6667, -0.6667,  0.6667])"""
+    if kernels.active(rewards_) and estimator in ("grpo", "rloo"):
         from kernels.advantage import group_advantages_triton
-        return group_advantages_triton(rewards_, G, scale, rloo, eps)
-    return group_advantages_torch(rewards_, G, scale, rloo, eps)
+        return group_advantages_triton(rewards_, G, scale, estimator == "rloo", eps)
+    return group_advantages_torch(rewards_, G, scale, estimator, eps)
 
 
-def group_advantages_torch(rewards_, G, scale="group", rloo=False, eps=1e-4):
+ESTIMATORS = ("grpo", "rloo")   # --advantage: the baseline each sample's reward is compared with
+
+
+def group_advantages_torch(rewards_, G, scale="group", estimator="grpo", eps=1e-4):
     """group_advantages in PyTorch: the specification the kernel is tested against."""
     r = rewards_.view(-1, G)                                      # (P, G)
     valid = ~torch.isnan(r)
@@ -227,10 +411,12 @@ def group_advantages_torch(rewards_, G, scale="group", rloo=False, eps=1e-4):
     r0 = torch.where(valid, r, torch.zeros_like(r))
     total = r0.sum(1, keepdim=True)
     mean = total / n.clamp(min=1)
-    if rloo:  # baseline = mean of the other samples of the group
+    if estimator == "rloo":  # baseline = mean of the other samples of the group (Ahmadian et al. 2024)
         adv = r0 - (total - r0) / (n - 1).clamp(min=1)
-    else:
+    elif estimator == "grpo":  # baseline = the group mean (DeepSeekMath)
         adv = r0 - mean
+    else:
+        raise ValueError(f"advantage estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     if scale == "group":
         std = (((r0 - mean) ** 2 * valid).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
         adv = adv / (std + eps)
@@ -295,15 +481,19 @@ def aggregate(loss_tok, mask, loss_type, num_seqs, num_tokens, max_len):
     raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
 
 
-def micro_batch_loss(cfg, model, input_ids, attention_mask, C, adv, mask, old_logp, ref_logp, num_seqs, num_tokens):
-    """One micro-batch's share of the batch loss, the per-token statistics (per_token_loss's) and the
-    entropy (B, C). On CUDA with --kernels auto and the token-level ratio, the fused loss head computes
-    the gradient for the hidden states and the lm_head during the forward (kernels/loss_head.py);
+def micro_batch_loss(cfg, model, batch, s, num_seqs, num_tokens):
+    """Rows s of the batch: their share of the batch loss, the per-token statistics (per_token_loss's)
+    and the entropy (b, C). On CUDA with --kernels auto and the token-level ratio, the fused loss head
+    computes the gradient for the hidden states and the lm_head during the forward (kernels/loss_head.py);
     otherwise token log-probs -> per_token_loss -> aggregate. old_logp None = on-policy (rho == 1)."""
+    roll = batch.roll
+    input_ids, attention_mask, mask, adv = roll.input_ids[s], roll.attention_mask[s], roll.loss_mask[s], batch.advantages[s]
+    old_logp, ref_logp = (None if t is None else t[s] for t in (batch.old_logp, batch.ref_logp))
+    C = mask.shape[1]
     reduce = lambda lt: aggregate(lt, mask, cfg.loss_type, num_seqs, num_tokens, cfg.max_new_tokens)
     if kernels.active(input_ids) and cfg.importance_sampling_level == "token":
         from kernels.loss_head import fused_loss_head
-        A = adv[:, None].expand_as(mask).reshape(-1)                          # (B*C,) flattened rows
+        A = adv[:, None].expand_as(mask).reshape(-1)                          # (b*C,) flattened rows
         old_f, ref_f = (None if t is None else t.reshape(-1) for t in (old_logp, ref_logp))
 
         def per_token(lp, rows):  # the token-level loss of rows `rows`, elementwise in lp (n,)
@@ -325,300 +515,178 @@ def micro_batch_loss(cfg, model, input_ids, attention_mask, C, adv, mask, old_lo
 
 
 # -----------------------------------------------------------------------------
-# Prompts: the built-in task stream, or JSONL rows
+# Phase 3: the log-probs that stay fixed during the update, once, without grad
 
-# The columns the built-in rewards read from a JSONL row, and their JSON types (None: that row abstains).
-REWARD_COLUMNS = {"accuracy": {"answer": (str, int, float)},
-                  "countdown": {"numbers": (list,), "target": (int, float)}}
+@torch.no_grad()
+def fixed_logprobs(cfg, model, ref, batch):
+    """pi_old (only with num_iterations > 1: on-policy it is the update's own log-prob, detached) and
+    pi_ref (only with beta > 0), (B, C) each or None, computed micro-batch by micro-batch."""
+    roll, C = batch.roll, batch.roll.loss_mask.shape[1]
+    logp = lambda m: torch.cat([token_logprobs(m, roll.input_ids[s], roll.attention_mask[s], C, cfg.temperature)
+                                for s in micro_batches(cfg, len(batch.prompts))])
+    old = logp(model) if cfg.num_iterations > 1 else None
+    ref_logp = logp(ref) if ref is not None else None
+    if roll.input_ids.is_cuda:
+        torch.cuda.synchronize()  # CUDA runs asynchronously: wait, or the time lands in time/train
+    return old, ref_logp
 
 
-class Prompts:
-    """The prompt rows of each step: the built-in task's stream, or a --data file's rows (checked here:
-    text, reward columns, and length: prompt + --max-new-tokens within the model's context)."""
+def micro_batches(cfg, B):
+    """Row slices of at most --micro-batch rows (0: the whole batch); gradients accumulate over them."""
+    n = cfg.micro_batch or B
+    return [slice(i, i + n) for i in range(0, B, n)]
 
-    def __init__(self, cfg, tok, held, names=(), context=None):
-        self.builtin = not cfg.data
-        if self.builtin:
-            self.stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1, exclude=held)
-            # built-in prompts are conversational: a tokenizer without a chat template fails here, not at step 1
-            encode_prompt(tok, rewards.Problem("1+1", "2", "").row()["prompt"])
-        else:
-            def check(row):  # read_jsonl reports any failure here as file:line
-                check_text_or_messages(row, "prompt")
-                for col, types in columns.items():  # (JSON true/false are bools, which Python counts as ints)
-                    v = row.get(col)
-                    if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
-                        raise ValueError(f"field {col!r} must be {' or '.join(t.__name__ for t in types)}, "
-                                         f"got {type(v).__name__}")
-                check_data_text(tok, row["prompt"], max_tokens=cfg.max_prompt_length, limit="--max-prompt-length")
-                n = len(encode_prompt(tok, row["prompt"]))
-                if n > cfg.max_prompt_length:
-                    raise TooLong(f"prompt has {n} tokens > --max-prompt-length {cfg.max_prompt_length}")
-                if context is not None and n + cfg.max_new_tokens > context:
-                    raise TooLong(f"prompt has {n} tokens + --max-new-tokens {cfg.max_new_tokens} > the model's "
-                                  f"context of {context} positions (max_position_embeddings)")
-            columns = {c: t for n in names for c, t in REWARD_COLUMNS.get(n, {}).items()}
-            self.rows = read_jsonl(cfg.data, check, cfg.truncation)
-            for col in columns:  # a row may lack the column (that reward abstains on it), the file may not
-                if all(r.get(col) is None for r in self.rows):
-                    raise DataError(f"{cfg.data}: no row has the column {col!r} that the reward "
-                                    f"{'/'.join(n for n in names if col in REWARD_COLUMNS.get(n, {}))} reads")
-            self.cycle = ShuffledCycle(len(self.rows), cfg.seed)
 
-    def take(self, n):
-        return [p.row() for p in self.stream.take(n)] if self.builtin else [self.rows[i] for i in self.cycle.take(n)]
+# -----------------------------------------------------------------------------
+# Phase 4: num_iterations optimizer steps on the batch
 
-    def state(self):
-        return {"position": self.stream.position} if self.builtin else self.cycle.state()
+def update(cfg, model, opt, sched, batch):
+    """num_iterations optimizer steps on the same batch. The loss normalisers are those of the global
+    batch (num_seqs, num_tokens: summed over ranks, dist.py). Returns the token means of the logged
+    per-token statistics (over the loss mask, averaged over the iterations), the last grad norm and
+    the number of skipped (non-finite) updates."""
+    mask = batch.roll.loss_mask
+    num_seqs, num_tokens = int(dist.all_sum(mask.shape[0])), int(dist.all_sum(int(mask.sum())))
+    sums = dict.fromkeys(("ratio", "kl", "clip_low", "clip_high", "entropy", "loss"), 0.0)
+    skipped = 0
+    for _ in range(cfg.num_iterations):
+        opt.zero_grad(set_to_none=True)
+        for s in micro_batches(cfg, mask.shape[0]):
+            loss, stats, ent = micro_batch_loss(cfg, model, batch, s, num_seqs, num_tokens)
+            loss.backward()
+            m = mask[s]
+            w = 1.0 / max(num_tokens, 1) / cfg.num_iterations               # token-mean over the batch
+            sums["loss"] += loss.item() / cfg.num_iterations
+            sums["entropy"] += float((ent.detach() * m).sum()) * w
+            for k in ("ratio", "clip_low", "clip_high", "kl"):
+                if stats[k] is not None:
+                    sums[k] += float((stats[k].detach() * m).sum()) * w
+        grad_norm, skip = run.optimizer_step(model, opt, sched, cfg.grad_clip)
+        skipped += skip
+    return {k: dist.all_sum(v) for k, v in sums.items()}, grad_norm, skipped, num_tokens
 
-    def load(self, s):
-        if self.builtin:
-            self.stream.seek(s["position"])
-        else:
-            self.cycle.load(s)
+
+# -----------------------------------------------------------------------------
+# Phase 5: the step's metrics (TRL's names)
+
+def step_metrics(cfg, step, batch, info, sums, grad_norm, skipped, num_tokens, names, lr):
+    """The metrics line of a step, over the global batch (every rank's rows)."""
+    R, per_fn, trunc, lengths = (dist.gather_cat(t)[0] for t in (batch.rewards, batch.per_fn, batch.roll.truncated,
+                                                                   batch.roll.completion_mask.sum(1)))
+    grp = R.view(-1, cfg.num_generations)
+    m = {"step": step, "reward": float(R.nanmean()), "reward_std": float(_nanstd(grp).mean()),
+         **{f"rewards/{n}/mean": float(per_fn[:, i].nanmean()) for i, n in enumerate(names)},
+         **{f"rewards/{n}/std": float(_nanstd(per_fn[:, i][None])[0]) for i, n in enumerate(names)},
+         **{f"rewards/{n}/abstained": int(per_fn[:, i].isnan().sum()) for i, n in enumerate(names)},
+         "frac_reward_zero_std": float((_nanstd(grp) < 1e-8).float().mean()),
+         "completions/mean_length": float(lengths.mean()),
+         "completions/min_length": float(lengths.min()), "completions/max_length": float(lengths.max()),
+         "completions/clipped_ratio": float(trunc.float().mean()),
+         "completions/mean_terminated_length": float(lengths[~trunc].mean()) if (~trunc).any() else 0.0,
+         "loss": sums["loss"], "entropy": sums["entropy"], "ratio": sums["ratio"],
+         "clip_ratio/low_mean": sums["clip_low"], "clip_ratio/high_mean": sums["clip_high"],
+         "clip_ratio/region_mean": sums["clip_low"] + sums["clip_high"],
+         "grad_norm": float(grad_norm), "skipped_steps": skipped, "learning_rate": lr, "num_tokens": num_tokens}
+    m.update({f"rewards/{names[i]}/{k}": dist.all_sum(v)    # every rank has the same keys
+              for i, d in enumerate(info["fn_metrics"]) for k, v in sorted(d.items())})
+    if cfg.beta != 0.0:
+        m["kl"] = sums["kl"]
+    m.update({k: v for k, v in info.items() if k.startswith("dynamic_sampling/")})
+    return m
+
+
+def shown_samples(batch, step, G):
+    """The first completion of the first two groups of this rank, for samples.jsonl and the console."""
+    return [{"step": step, "prompt": rewards._prompt_text(batch.prompts[i]), "completion": batch.texts[i],
+             "reward": float(batch.rewards[i]), "advantage": float(batch.advantages[i])}
+            for i in range(0, min(len(batch.prompts), 2 * G), G)]
+
+
+class NoSignal:
+    """Says so, once, when the run has no learning signal: see no_signal_warning."""
+
+    def __init__(self):
+        self.zero_std, self.warned = [], False
+
+    def check(self, frac_reward_zero_std):
+        self.zero_std.append(frac_reward_zero_std)
+        warning = None if self.warned else no_signal_warning(self.zero_std)
+        if warning and dist.is_main():
+            tqdm.write(warning, file=sys.stderr)
+        self.warned = self.warned or warning is not None
 
 
 # -----------------------------------------------------------------------------
 
 def main(cfg):
-    check_flags(cfg, check_config)               # before anything is loaded or written
-    torch.set_num_threads(cfg.threads)
-    kernels.set_mode(cfg.kernels)
-    device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op
-    rank, world = dist.rank(), dist.world()
-    seed_everything(cfg.seed + rank)             # ranks sample differently; rank 0 is the single-process run
-    print(json.dumps(vars(cfg)))
+    # ---- setup: flags, rewards, the cold start, the data, the reference, OUT ----------------------
+    device = run.start(cfg, check_config)
     names, funcs, weights = resolve_reward_funcs(cfg)
-    G, P = cfg.num_generations, cfg.num_prompts
-    if P % world:
-        raise ValueError(f"--num-prompts {P} must be a multiple of the number of processes ({world})")
+    check_processes(cfg)
+    model, tok = run.load_model(sft.cold_start(cfg, GRPOConfig.init), device, cfg)
+    prompts_src = Prompts(cfg, tok, names, context_length(model))  # JSONL is checked here, before training
+    held = E.HeldOut(cfg, tok, E.criterion(cfg, funcs[0]), cfg.max_prompt_length, cfg.max_new_tokens,
+                     cfg.temperature)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta != 0.0 else None  # frozen start
+    state = run.open_out(cfg, RESUME_FIXED)
+    if state:
+        prompts_src.load(state["data"])
+        run.restore_weights(model, cfg, device)
+    model, ref = run.shard(model, cfg, device), run.shard(ref, cfg, device)  # (ref: as large as the policy)
+    run.write_config(cfg)
+    opt, sched = run.optimizer(cfg, model, run.warmup_lr(cfg.warmup), state, betas=(0.9, 0.99))
+    step, held.history = (state["step"], state["history"]) if state else (0, [])
+    model.train()
+    logs, no_signal = run.Logs(cfg, step), NoSignal()
+    if held and step == 0:
+        print(f"held-out greedy accuracy before GRPO: {held(model, tok, step, logs)['held_out_accuracy']:.3f}")
+    bar = tqdm(total=cfg.steps, initial=step, desc="grpo", dynamic_ncols=True, disable=not dist.is_main())
+    while step < cfg.steps:
+        t0 = time.time()
+        batch, info = rollout(cfg, model, tok, prompts_src, funcs, weights)           # 1. sample + score
+        t1 = time.time()
+        batch.advantages = advantages(cfg, batch.rewards)                             # 2. advantages
+        batch.old_logp, batch.ref_logp = fixed_logprobs(cfg, model, ref, batch)       # 3. pi_old, pi_ref
+        t2 = time.time()
+        sums, grad_norm, skipped, num_tokens = update(cfg, model, opt, sched, batch)  # 4. optimizer steps
+        step += 1
+        m = step_metrics(cfg, step, batch, info, sums, grad_norm, skipped, num_tokens, names,  # 5. log
+                         sched.get_last_lr()[0])
+        m.update({"step_time": time.time() - t0, "time/rollout": t1 - t0, "time/logprobs": t2 - t1,
+                  "time/train": time.time() - t2})
+        if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            m.update(held(model, tok, step, logs))
+        no_signal.check(m["frac_reward_zero_std"])
+        logs.metrics(m)
+        bar.set_postfix(reward=f"{m['reward']:.3f}", zero_std=f"{m['frac_reward_zero_std']:.2f}",
+                        len=f"{m['completions/mean_length']:.1f}", ent=f"{m['entropy']:.2f}")
+        bar.update(1)
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1) and dist.is_main():
+            shown = shown_samples(batch, step, cfg.num_generations)
+            logs.samples(shown)
+            for x in shown:
+                tqdm.write(f"[step {step}] {x['prompt']!r} -> {x['completion']!r} reward={x['reward']:.2f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:               # 6. checkpoint
+            run.checkpoint(cfg, model, tok, opt, sched, step, data=prompts_src.state(), history=held.history)
+    bar.close()
+    # ---- the end: held-out accuracy after, the last checkpoint, result.json, curves.svg ------------
+    summary = {}
+    if held:
+        held(model, tok, step, logs)
+        summary = held.summary("GRPO")
+    run.checkpoint(cfg, model, tok, opt, sched, step, data=prompts_src.state(), history=held.history)
+    run.finish(cfg, logs, summary)
+    return model, tok, summary
+
+
+def check_processes(cfg):
+    """What several processes (torchrun) need of the flags: every rank holds whole groups."""
+    world = dist.world()
+    if cfg.num_prompts % world:
+        raise ValueError(f"--num-prompts {cfg.num_prompts} must be a multiple of the number of processes ({world})")
     if cfg.fsdp and cfg.dynamic_sampling and world > 1:  # sharded forwards must run in lockstep on every rank
         raise ValueError("--dynamic-sampling with --fsdp: ranks may keep different numbers of groups, hence run "
                          "different numbers of sharded forwards; not supported (use it without --fsdp)")
-    Pl = P // world                              # this rank's prompts per step; all G samples of each
-    held = rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n and not cfg.data else []
-
-    # The cold start: the default init directory is built by sft.py the first time it is needed.
-    if cfg.init != "scratch" and not os.path.isdir(cfg.init):
-        if cfg.init != GRPOConfig.init:
-            raise FileNotFoundError(f"--init {cfg.init!r} does not exist (use 'scratch' to start from --model)")
-        print(f"no cold-start checkpoint at {cfg.init}: running sft.py first")
-        if world > 1:
-            raise FileNotFoundError(f"--init {cfg.init!r} does not exist: run sft.py (or torchrun sft.py) first")
-        sft.main(sft.SFTConfig(model=cfg.model, task=cfg.task, out=cfg.init, device=cfg.device,
-                               seed=cfg.seed, threads=cfg.threads, eval_n=cfg.eval_n,
-                               kernels=cfg.kernels))
-        seed_everything(cfg.seed)
-    start = cfg.model if cfg.init == "scratch" else cfg.init
-    where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
-    model, tok = load(start, where, dtype, seed=cfg.seed)
-    prompts_src = Prompts(cfg, tok, held, names, context_length(model))  # JSONL is checked here, before training
-    eval_rows = E.read_rows(cfg.eval_data, tok, cfg.max_prompt_length) if cfg.eval_data else []
-    ref = None
-    if cfg.beta != 0.0:  # a frozen copy of the starting policy; with beta = 0 none is kept
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
-    if dist.is_main():
-        lock_out(cfg.out)                        # one run at a time in OUT
-    if cfg.resume:  # every check before the first write; the weights of the last checkpoint (whole: sharded below)
-        st = load_state(cfg.out)
-        check_resume(cfg, st.get("config"), RESUME_FIXED)
-        prompts_src.load(st["data"])
-        model.load_state_dict(load(cfg.out, where, dtype)[0].state_dict())
-    if cfg.fsdp:  # the reference is sharded the same way (it is as large as the policy)
-        model, ref = dist.shard_model(model, device), ref and dist.shard_model(ref, device)
-    if dist.is_main():
-        write_config(cfg, cfg.out)
-    opt = torch.optim.AdamW(dist.param_groups(model), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
-    step, history = 0, []
-    if cfg.resume:
-        dist.resume_optimizer(model, opt, sched, st["optimizer"], st["scheduler"])
-        step, history = st["step"], st["history"]
-        set_rng_state(st["rng_by_rank"][rank] if len(st.get("rng_by_rank", ())) == world else st["rng"])
-    model.train()
-
-    def evaluate():
-        if eval_rows:  # --eval-data: its rows, scored by the first reward function (the task's checker)
-            with dist.gathered(model):
-                acc = E.evaluate(model, tok, eval_rows, funcs[0], cfg.max_new_tokens)[0]["accuracy"]
-        else:
-            acc = sft.evaluate(model, tok, held, cfg.max_new_tokens)[0]
-        history.append({"step": step, "held_out_accuracy": acc})
-        return acc
-
-    def checkpoint():  # rank 0 writes (the replicas are identical); every rank's RNG goes with it
-        rngs = dist.gather_objects(rng_state())
-        weights, optim = dist.model_state(model), dist.optimizer_state(model, opt)  # --fsdp: gathered, collective
-        if dist.is_main():
-            save(model, tok, cfg.out, {"optimizer": optim, "scheduler": sched.state_dict(), "step": step,
-                                       "history": history, "data": prompts_src.state(), "rng": rngs[0],
-                                       "rng_by_rank": rngs, "config": vars(cfg)}, weights)
-        dist.barrier()
-
-    evaluating = bool(held or eval_rows)
-    if evaluating and step == 0:
-        print(f"held-out greedy accuracy before GRPO: {evaluate():.3f}")
-    if cfg.resume and dist.is_main():
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            trim_log(os.path.join(cfg.out, name), step)
-    logs = cfg.out if dist.is_main() else None   # only rank 0 writes
-    mode = "a" if cfg.resume else "w"            # a fresh run starts its logs empty: OUT holds one run
-    log = open(os.path.join(logs, "metrics.jsonl") if logs else os.devnull, mode)
-    samples_log = open(os.path.join(logs, "samples.jsonl") if logs else os.devnull, mode)
-    bar = tqdm(total=cfg.steps, initial=step, desc="grpo", dynamic_ncols=True, disable=not dist.is_main())
-    zero_std, warned = [], False   # frac_reward_zero_std of each step of this process: is there a signal?
-    while step < cfg.steps:
-        t0 = time.time()
-        # ---- rollout + rewards (+ dynamic sampling) ---------------------------------------------
-        kept, rounds, seen_groups = [], 0, 0
-        fn_metrics = [{} for _ in funcs]  # counts a reward function reports (code_reward: timeouts, ...)
-        while True:
-            rows = dist.shard(prompts_src.take(P))                            # every rank draws the global
-            prompts = [r["prompt"] for r in rows for _ in range(G)]           # each prompt G times, grouped
-            ids = [encode_prompt(tok, p) for p in prompts]
-            model.eval()
-            with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
-                roll = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                engine=dist.rollout_engine(model, cfg.rollout_engine))
-            model.train()
-            comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
-            texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
-            columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in {k for r in rows for k in r} - {"prompt"}}
-            columns["prompt_text"] = tok.batch_decode(ids)  # rendered: shows a <think> the template pre-fills
-            per_fn, R = score(funcs, weights, prompts, texts, comp_ids, columns, device, fn_metrics, cfg.reward_timeout)
-            rounds += 1
-            seen_groups += Pl
-            keep = torch.ones(Pl, dtype=torch.bool, device=device)
-            if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
-                keep = _nanstd(R.view(Pl, G)) > 0
-            kept.append((roll, prompts, texts, per_fn, R, keep))
-            # (all ranks decide together, so they stay on the same rows of the data stream)
-            if not cfg.dynamic_sampling or dist.all_sum(sum(int(k[-1].sum()) for k in kept)) >= P \
-                    or rounds > cfg.max_resample:
-                break
-        roll, prompts, texts, per_fn, R = merge_rounds(kept, Pl, G, tok.pad_token_id)
-        mask_c, trunc = roll.completion_mask, roll.truncated                             # (B, C), (B,)
-        t_rollout = time.time() - t0
-
-        # Advantages from the global batch (--scale-rewards batch needs every rank's rewards); this
-        # rank keeps its own rows. Normalisers are global too: see dist.py.
-        R_all, offset = dist.gather_cat(R)
-        adv = group_advantages(R_all, G, cfg.scale_rewards, rloo=cfg.advantage == "rloo")[offset:offset + len(R)]
-        mask = mask_c.clone()                                                            # (B, C)
-        if cfg.mask_truncated_completions:
-            mask[trunc] = 0.0
-        B, C = mask.shape
-        B_all, num_tokens = int(dist.all_sum(B)), int(dist.all_sum(int(mask.sum())))
-
-        # ---- pi_old and pi_ref log-probs, once, without grad --------------------------------------
-        t1 = time.time()
-        mbs = [slice(i, i + (cfg.micro_batch or B)) for i in range(0, B, cfg.micro_batch or B)]
-        old_logp = ref_logp = None
-        with torch.no_grad():
-            if cfg.num_iterations > 1:
-                old_logp = torch.cat([token_logprobs(model, roll.input_ids[s], roll.attention_mask[s], C,
-                                                     cfg.temperature) for s in mbs])
-            if ref is not None:
-                ref_logp = torch.cat([token_logprobs(ref, roll.input_ids[s], roll.attention_mask[s], C,
-                                                     cfg.temperature) for s in mbs])
-        if roll.input_ids.is_cuda:
-            torch.cuda.synchronize()  # CUDA runs asynchronously: wait, or the time lands in time/train
-        t_logprobs = time.time() - t1
-
-        # ---- num_iterations optimizer steps on the same batch -------------------------------------
-        t2 = time.time()
-        acc = {k: 0.0 for k in ("ratio", "kl", "clip_low", "clip_high", "entropy", "loss")}
-        skipped = 0
-        for _ in range(cfg.num_iterations):
-            opt.zero_grad(set_to_none=True)
-            for s in mbs:
-                loss, st_, ent = micro_batch_loss(cfg, model, roll.input_ids[s], roll.attention_mask[s], C, adv[s],
-                                                  mask[s], None if old_logp is None else old_logp[s],
-                                                  None if ref_logp is None else ref_logp[s], B_all, num_tokens)
-                loss.backward()
-                m = mask[s]
-                w = 1.0 / max(num_tokens, 1) / cfg.num_iterations               # token-mean over the batch
-                acc["loss"] += loss.item() / cfg.num_iterations
-                acc["entropy"] += float((ent.detach() * m).sum()) * w
-                acc["ratio"] += float((st_["ratio"].detach() * m).sum()) * w
-                acc["clip_low"] += float((st_["clip_low"] * m).sum()) * w
-                acc["clip_high"] += float((st_["clip_high"] * m).sum()) * w
-                if st_["kl"] is not None:
-                    acc["kl"] += float((st_["kl"].detach() * m).sum()) * w
-            dist.sync_grads(model)              # sum over ranks = the gradient of the global batch
-            grad_norm = dist.clip_grad_norm_(model, cfg.grad_clip)
-            if torch.isfinite(grad_norm):
-                opt.step()
-            else:  # a NaN/inf gradient would poison the weights: skip the update, keep going
-                skipped += 1
-            sched.step()
-        t_train = time.time() - t2
-        step += 1
-
-        # ---- metrics (TRL names) -------------------------------------------------------------------
-        acc = {k: dist.all_sum(v) for k, v in acc.items()}       # each rank holds its share of the sums
-        R_rank, adv_rank = R, adv                                 # (rank 0's rows, for the samples log)
-        R, per_fn, trunc, lengths = (dist.gather_cat(t)[0] for t in (R, per_fn, trunc, mask_c.sum(1)))
-        grp = R.view(-1, G)
-        metrics = {"step": step, "reward": float(R.nanmean()), "reward_std": float(_nanstd(grp).mean()),
-                   **{f"rewards/{n}/mean": float(per_fn[:, i].nanmean()) for i, n in enumerate(names)},
-                   **{f"rewards/{n}/std": float(_nanstd(per_fn[:, i][None])[0]) for i, n in enumerate(names)},
-                   **{f"rewards/{n}/abstained": int(per_fn[:, i].isnan().sum()) for i, n in enumerate(names)},
-                   "frac_reward_zero_std": float((_nanstd(grp) < 1e-8).float().mean()),
-                   "completions/mean_length": float(lengths.mean()),
-                   "completions/min_length": float(lengths.min()), "completions/max_length": float(lengths.max()),
-                   "completions/clipped_ratio": float(trunc.float().mean()),
-                   "completions/mean_terminated_length": float(lengths[~trunc].mean()) if (~trunc).any() else 0.0,
-                   "loss": acc["loss"], "entropy": acc["entropy"], "ratio": acc["ratio"],
-                   "clip_ratio/low_mean": acc["clip_low"], "clip_ratio/high_mean": acc["clip_high"],
-                   "clip_ratio/region_mean": acc["clip_low"] + acc["clip_high"],
-                   "grad_norm": float(grad_norm), "skipped_steps": skipped, "learning_rate": sched.get_last_lr()[0],
-                   "num_tokens": num_tokens, "step_time": time.time() - t0,
-                   "time/rollout": t_rollout, "time/logprobs": t_logprobs, "time/train": t_train}
-        metrics.update({f"rewards/{names[i]}/{k}": dist.all_sum(v)    # every rank has the same keys
-                        for i, d in enumerate(fn_metrics) for k, v in sorted(d.items())})
-        if cfg.beta != 0.0:
-            metrics["kl"] = acc["kl"]
-        if cfg.dynamic_sampling:
-            metrics["dynamic_sampling/rounds"] = rounds
-            metrics["dynamic_sampling/kept_frac"] = dist.all_sum(sum(int(k[-1].sum()) for k in kept)) / \
-                dist.all_sum(seen_groups)
-        if evaluating and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            metrics["held_out_accuracy"] = evaluate()
-        zero_std.append(metrics["frac_reward_zero_std"])
-        warning = no_signal_warning(zero_std) if not warned else None
-        if warning and dist.is_main():
-            tqdm.write(warning, file=sys.stderr)
-        warned = warned or warning is not None
-        log.write(metrics_line(metrics))
-        log.flush()
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}",
-                        len=f"{metrics['completions/mean_length']:.1f}", ent=f"{metrics['entropy']:.2f}")
-        bar.update(1)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1) and dist.is_main():
-            for i in range(0, min(B, 2 * G), G):  # the first completion of the first two groups
-                sample = {"step": step, "prompt": rewards._prompt_text(prompts[i]), "completion": texts[i],
-                          "reward": float(R_rank[i]), "advantage": float(adv_rank[i])}
-                samples_log.write(json.dumps(sample) + "\n")
-                tqdm.write(f"[step {step}] {sample['prompt']!r} -> {sample['completion']!r} "
-                           f"reward={sample['reward']:.2f}")
-            samples_log.flush()
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            checkpoint()
-    bar.close()
-    summary = {}
-    if evaluating:
-        summary = sft.before_after(history, evaluate(), len(held) or len(eval_rows),
-                                   cfg.task if held else cfg.eval_data, "GRPO")
-    checkpoint()
-    if dist.is_main():
-        with open(os.path.join(cfg.out, "result.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    log.close()
-    samples_log.close()
-    if dist.is_main():
-        print("curves:", plot.draw(cfg.out))   # OUT/curves.svg: every metric over the steps
-    return model, tok, summary
 
 
 def no_signal_warning(zero_std, window=5, level=0.95):
@@ -643,36 +711,5 @@ def _nanstd(x):
     return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
 
 
-def merge_rounds(kept, P, G, pad_id):
-    """Join the rollout rounds of one step, keeping the groups marked `keep` (all of them without
-    dynamic sampling), at most P groups. Completions of different rounds may differ in length:
-    they are right-padded to the longest, prompts left-padded to the longest."""
-    groups = []
-    for roll, prompts, texts, per_fn, R, keep in kept:
-        for g in torch.nonzero(keep).flatten().tolist():
-            groups.append((roll, prompts, texts, per_fn, R, g))
-    if not groups:  # nothing had signal in any round: train on the last round (zero advantages)
-        roll, prompts, texts, per_fn, R, _ = kept[-1]
-        groups = [(roll, prompts, texts, per_fn, R, g) for g in range(P)]
-    groups = groups[:P]
-    Pm = max(r.prompt_len for r, *_ in groups)
-    Cm = max(r.completion_mask.shape[1] for r, *_ in groups)
-    ids, attn, cmask, trunc, prompts_out, texts_out, fns, Rs = [], [], [], [], [], [], [], []
-    for roll, prompts, texts, per_fn, R, g in groups:
-        s = slice(g * G, (g + 1) * G)
-        pl, cl = roll.prompt_len, roll.completion_mask.shape[1]
-        pad = lambda t, left, right, v: torch.nn.functional.pad(t, (left, right), value=v)
-        ids.append(pad(roll.input_ids[s], Pm - pl, Cm - cl, pad_id))
-        attn.append(pad(roll.attention_mask[s], Pm - pl, Cm - cl, 0))
-        cmask.append(pad(roll.completion_mask[s], 0, Cm - cl, 0.0))
-        trunc.append(roll.truncated[s])
-        prompts_out += prompts[s]
-        texts_out += texts[s]
-        fns.append(per_fn[s])
-        Rs.append(R[s])
-    merged = Rollout(torch.cat(ids), torch.cat(attn), torch.cat(cmask), None, torch.cat(trunc), Pm)
-    return merged, prompts_out, texts_out, torch.cat(fns), torch.cat(Rs)
-
-
 if __name__ == "__main__":
-    main(parse_config(GRPOConfig))
+    main(run.parse_config(GRPOConfig))

@@ -3,6 +3,7 @@
     r = generate(model, tok, [[ids of prompt 1], [ids of prompt 2], ...], max_new_tokens=64, temperature=1.0)
     r.input_ids       (B, P+C)  [left-padded prompt | right-padded completion], the training layout
     r.completion_mask (B, C)    1 up to and including the first EOS, 0 after it (pad != EOS)
+    r.loss_mask       (B, C)    the tokens a loss is over: a copy of completion_mask the trainer may cut
     r.logprobs        (B, C)    log-prob of each sampled token under softmax(logits / temperature)
 
 The loop: one forward over the left-padded prompts fills the cache, then one token per step for every
@@ -59,6 +60,13 @@ class Rollout:
     logprobs: torch.Tensor         # (B, C) float32, sampling log-probs (0 where masked)
     truncated: torch.Tensor        # (B,) bool, True when no EOS was produced within max_new_tokens
     prompt_len: int                # P
+    loss_mask: torch.Tensor = None  # (B, C) float, the tokens training learns from: the completion mask
+                                   # (its own copy), minus what the trainer drops (truncated rows with
+                                   # --mask-truncated-completions; tokens the model did not write)
+
+    def __post_init__(self):
+        if self.loss_mask is None:
+            self.loss_mask = self.completion_mask.clone()
 
     @property
     def completion_ids(self):

@@ -20,26 +20,22 @@ Algorithmic choices:
 3. Token-mean normalisation over the batch: sum(-log p * mask) / sum(mask).
 4. AdamW, linear warmup then cosine decay to 10%; gradient-norm clipping at 1.0.
 """
-import json
-import math
 import os
 import random
 import time
 from dataclasses import dataclass
 
-import torch
 from tqdm import tqdm
 
 import dist
 import evaluate as E
 import kernels
-import plot
+import lifecycle as run
 import rewards
-from model import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_flags, check_resume,
-                   check_text_or_messages, completion_hidden, context_length, encode_example, encode_prompt, load,
-                   load_state, lock_out, metrics_line, parse_config, read_jsonl, rng_state, save, seed_everything,
-                   set_rng_state, token_logprobs, trim_log, write_config)
-from rollout import generate
+from checkpoint import seed_everything
+from data import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_text_or_messages, collate,
+                  encode_example, read_jsonl)
+from model import completion_hidden, context_length, token_logprobs
 
 
 @dataclass
@@ -59,9 +55,11 @@ class SFTConfig:
     weight_decay: float = 0.0
     max_length: int = 512        # prompt + completion tokens
     truncation: str = "error"    # a --data row over --max-length: error | skip (counted); never cut
-    eval_n: int = 500            # held-out problems for greedy accuracy at the end (0 = skip)
+    eval_n: int = 500            # built-in task: held-out problems, greedy accuracy before / after (0 = skip)
     eval_data: str = ""          # held-out JSONL (GRPO's prompt format: prompt + answer), scored greedy by
-                                 # `accuracy` before and after SFT (evaluate.py)
+                                 # `accuracy` before / every --eval-every / after SFT (evaluate.py)
+    eval_every: int = 0          # also every N steps, for the learning curve (0 = only before/after)
+    eval_samples: int = 0        # k > 0: also pass@k and mean@k from k samples per prompt at temperature 1
     max_new_tokens: int = 48     # for that evaluation
     device: str = "cpu"
     seed: int = 0
@@ -72,7 +70,7 @@ class SFTConfig:
     fsdp: bool = False           # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
 
 
-# What a checkpoint was made with: --resume refuses to change these (model.check_resume); any other
+# What a checkpoint was made with: --resume refuses to change these (lifecycle.check_resume); any other
 # flag may change (e.g. --steps to extend a run, --lr) and is applied from the saved step on.
 RESUME_FIXED = ("model", "data", "task", "num_examples", "teacher_slip", "batch_size", "max_length", "truncation",
                 "eval_n", "eval_data", "seed", "fsdp")
@@ -92,7 +90,7 @@ def check_config(cfg):
         (cfg.truncation in TRUNCATION, f"--truncation must be error or skip, got {cfg.truncation!r}"),
         (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
         *[(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
-          for k in ("eval_n", "save_every")],
+          for k in ("eval_n", "eval_every", "eval_samples", "save_every")],
         (cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}"),
         (cfg.kernels in kernels.MODES, f"--kernels must be one of {', '.join(kernels.MODES)}, got {cfg.kernels!r}"),
         (bool(cfg.data) or cfg.task in rewards.TASKS, f"--task must be one of {', '.join(rewards.TASKS)}, got {cfg.task!r}"),
@@ -114,7 +112,7 @@ def check_sft_row(row):
 
 def encode_checked(tok, prompt, completion, max_length, context=None):
     """(prompt_ids, completion_ids) of a row within --max-length and the model's context (its
-    max_position_embeddings), its text checked first (model.check_data_text: no special-token text, no
+    max_position_embeddings), its text checked first (data.check_data_text: no special-token text, no
     tokenising of text that is surely too long)."""
     check_data_text(tok, prompt, completion, max_tokens=max_length, limit="--max-length")
     ids = encode_example(tok, prompt, completion)
@@ -151,19 +149,6 @@ def load_examples(cfg, tok, context=None):
     return examples
 
 
-def collate(examples, pad_id, device):
-    """[(prompt_ids, completion_ids)] -> input_ids, attention_mask (B, P+C) laid out as
-    [left-padded prompt | right-padded completion], and completion_mask (B, C)."""
-    P = max(len(p) for p, _ in examples)
-    C = max(len(c) for _, c in examples)
-    ids = torch.full((len(examples), P + C), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(examples):
-        ids[i, P - len(p):P + len(c)] = torch.tensor(p + c)
-        attn[i, P - len(p):P + len(c)] = 1
-    return ids.to(device), attn.to(device), attn[:, P:].float().to(device)
-
-
 def sft_loss(logp, mask):
     """Token-mean negative log-likelihood over the completion tokens. logp, mask (B, C)."""
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
@@ -181,149 +166,88 @@ def batch_loss(model, ids, attn, mask):
 
 
 # -----------------------------------------------------------------------------
-# Held-out evaluation (shared with grpo.py and dpo.py)
+# The phases of one step
 
-@torch.no_grad()
-def evaluate(model, tok, problems, max_new_tokens, batch_size=250):
-    """Greedy accuracy on built-in problems; also returns the decoded completions."""
-    model.eval()
-    completions = []
-    with dist.gathered(model):   # --fsdp: whole weights for the decode, no per-token all-gathers
-        for i in range(0, len(problems), batch_size):
-            chunk = problems[i:i + batch_size]
-            prompts = [encode_prompt(tok, p.row()["prompt"]) for p in chunk]
-            r = generate(model, tok, prompts, max_new_tokens, greedy=True, engine=dist.rollout_engine(model))
-            completions += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
-    score = rewards.countdown_reward if problems and problems[0].columns else rewards.accuracy_reward
-    rows = [p.row() for p in problems]
-    cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
-    acc = score([r["prompt"] for r in rows], completions, **cols)
-    model.train()
-    return sum(acc) / max(len(acc), 1), completions
+def train_step(model, opt, sched, batch, device, pad_id):
+    """One optimizer step on a batch of (prompt_ids, completion_ids): the loss is this rank's share of
+    the token mean over the GLOBAL batch (dist.py). Returns the step's metrics."""
+    ids, attn, mask = collate(batch, pad_id, device)
+    loss = batch_loss(model, ids, attn, mask)
+    num_tokens = mask.sum()
+    if dist.world() > 1:
+        num_tokens = dist.all_sum(num_tokens)
+        loss = loss * (mask.sum() / num_tokens)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm, skipped = run.optimizer_step(model, opt, sched, grad_clip=1.0)
+    return {"loss": dist.all_sum(loss.item()), "grad_norm": grad_norm.item(), "skipped_steps": int(skipped),
+            "learning_rate": sched.get_last_lr()[0], "num_tokens": int(num_tokens)}
 
 
-def before_after(history, after, n, task, algo):
-    """grpo.py's and dpo.py's closing line and result.json: held-out accuracy at their step 0
-    (history[0]) and at the end."""
-    before = history[0]["held_out_accuracy"]
-    print(f"\nheld-out greedy accuracy on {n} {task} problems: before {algo} {before:.3f} -> after {algo} "
-          f"{after:.3f} ({'+' if after >= before else ''}{100 * (after - before):.1f} points)")
-    return {"held_out_accuracy_before": before, "held_out_accuracy_after": after, "n": n, "history": history}
-
-
-def cosine_lr(step, warmup, total):
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def cold_start(cfg, default_init):
+    """grpo.py's and dpo.py's cold start: the checkpoint to start from. --init scratch: --model as it is.
+    The default --init directory, when missing, is built here by this script with its defaults on the
+    same task, model and seed (then the seeds are reset, so the RL run is the same either way)."""
+    if cfg.init == "scratch":
+        return cfg.model
+    if os.path.isdir(cfg.init):
+        return cfg.init
+    if cfg.init != default_init:
+        raise FileNotFoundError(f"--init {cfg.init!r} does not exist (use 'scratch' to start from --model)")
+    if dist.world() > 1:
+        raise FileNotFoundError(f"--init {cfg.init!r} does not exist: run sft.py (or torchrun sft.py) first")
+    print(f"no cold-start checkpoint at {cfg.init}: running sft.py first")
+    main(SFTConfig(model=cfg.model, task=cfg.task, out=cfg.init, device=cfg.device, seed=cfg.seed,
+                   threads=cfg.threads, eval_n=cfg.eval_n, kernels=cfg.kernels))
+    seed_everything(cfg.seed)
+    return cfg.init
 
 
 # -----------------------------------------------------------------------------
 
 def main(cfg):
-    check_flags(cfg, check_config)               # before anything is loaded or written
-    torch.set_num_threads(cfg.threads)
-    kernels.set_mode(cfg.kernels)
-    device = dist.init(cfg.device)               # torchrun: join the group (dist.py); else a no-op
-    seed_everything(cfg.seed)
-    print(json.dumps(vars(cfg)))
-    where, dtype = dist.staging(device, cfg.fsdp)   # --fsdp: whole on the CPU, then sharded onto the device
-    model, tok = load(cfg.model, where, dtype, seed=cfg.seed)
+    device = run.start(cfg, check_config)
+    model, tok = run.load_model(cfg.model, device, cfg)
     examples = load_examples(cfg, tok, context_length(model))  # every row is checked before the first step
-    eval_rows = E.read_rows(cfg.eval_data, tok, cfg.max_length) if cfg.eval_data else []
-    step, data, st = 0, ShuffledCycle(len(examples), cfg.seed), None
-    if dist.is_main():
-        lock_out(cfg.out)                        # one run at a time in OUT
-    if cfg.resume:                               # every check before the first write
-        st = load_state(cfg.out)
-        check_resume(cfg, st.get("config"), RESUME_FIXED)
-        data.load(st["data"])
-        model, tok = load(cfg.out, where, dtype)  # the weights of the last checkpoint (whole: sharded below)
-    if dist.is_main():
-        write_config(cfg, cfg.out)
-    if cfg.fsdp:
-        model = dist.shard_model(model, device)
-    opt = torch.optim.AdamW(dist.param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.warmup, cfg.steps))
-    if st is not None:
-        dist.resume_optimizer(model, opt, sched, st["optimizer"], st["scheduler"])
-        step = st["step"]
-        set_rng_state(st["rng"])
+    held = E.HeldOut(cfg, tok, E.criterion(cfg), cfg.max_length, cfg.max_new_tokens)
+    data = ShuffledCycle(len(examples), cfg.seed)
+    state = run.open_out(cfg, RESUME_FIXED)
+    if state:
+        data.load(state["data"])
+        run.restore_weights(model, cfg, device)
+    run.write_config(cfg)
+    model = run.shard(model, cfg, device)
+    opt, sched = run.optimizer(cfg, model, run.cosine_lr(cfg.warmup, cfg.steps), state, betas=(0.9, 0.95),
+                               weight_decay=cfg.weight_decay)
+    step, held.history = (state["step"], state.get("history", [])) if state else (0, [])
     model.train()
-
-    def eval_accuracy():  # --eval-data: greedy, scored by the accuracy checker (no random numbers drawn)
-        with dist.gathered(model):
-            return E.evaluate(model, tok, eval_rows, rewards.accuracy_reward, cfg.max_new_tokens)[0]["accuracy"]
-    before = (st or {}).get("eval_before")
-    if eval_rows and st is None:
-        before = eval_accuracy()
-        print(f"held-out greedy accuracy before SFT: {before:.3f} on {len(eval_rows)} rows of {cfg.eval_data}")
-
-    def checkpoint():  # rank 0 writes: the replicas are identical (SFT draws no random numbers)
-        weights, optim = dist.model_state(model), dist.optimizer_state(model, opt)  # --fsdp: gathered, collective
-        if dist.is_main():
-            save(model, tok, cfg.out, {"optimizer": optim, "scheduler": sched.state_dict(), "step": step,
-                                       "data": data.state(), "rng": rng_state(), "eval_before": before,
-                                       "config": vars(cfg)}, weights)
-        dist.barrier()
-
-    if cfg.resume and dist.is_main():
-        trim_log(os.path.join(cfg.out, "sft_metrics.jsonl"), step)
-    # a fresh run starts its log empty (OUT holds one run); --resume appends after the trimmed log
-    log = open(os.path.join(cfg.out, "sft_metrics.jsonl") if dist.is_main() else os.devnull,
-               "a" if cfg.resume else "w")
+    logs = run.Logs(cfg, step, metrics="sft_metrics.jsonl", samples="samples.jsonl")
+    if held and step == 0:
+        print(f"held-out greedy accuracy before SFT: {held(model, tok, step, logs)['held_out_accuracy']:.3f}")
     bar = tqdm(total=cfg.steps, initial=step, desc="sft", dynamic_ncols=True, disable=not dist.is_main())
     while step < cfg.steps:
         t0 = time.time()
         batch = [examples[i] for i in dist.shard(data.take(cfg.batch_size))]  # this rank's slice
-        ids, attn, mask = collate(batch, tok.pad_token_id, device)
-        loss = batch_loss(model, ids, attn, mask)
-        num_tokens = mask.sum()
-        if dist.world() > 1:  # this rank's share of the token mean over the GLOBAL batch (dist.py)
-            num_tokens = dist.all_sum(num_tokens)
-            loss = loss * (mask.sum() / num_tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.sync_grads(model)
-        grad_norm = dist.clip_grad_norm_(model, 1.0)
-        skipped = not torch.isfinite(grad_norm)
-        if not skipped:
-            opt.step()
-        # else: a NaN/inf gradient would poison the weights and Adam's moments; skip the update (the
-        # step still counts, so the schedule and the data stay where an uninterrupted run has them)
-        sched.step()
+        m = {"step": step + 1, **train_step(model, opt, sched, batch, device, tok.pad_token_id), "epoch": data.epoch}
         step += 1
-        m = {"step": step, "loss": dist.all_sum(loss.item()), "grad_norm": grad_norm.item(),
-             "skipped_steps": int(skipped), "lr": sched.get_last_lr()[0], "num_tokens": int(num_tokens),
-             "epoch": data.epoch, "step_time": time.time() - t0}
-        log.write(metrics_line(m))
-        log.flush()
+        if held and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            m.update(held(model, tok, step, logs))
+        logs.metrics({**m, "step_time": time.time() - t0})
         bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=data.epoch)
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            checkpoint()
+            run.checkpoint(cfg, model, tok, opt, sched, step, data=data.state(), history=held.history)
     bar.close()
-    checkpoint()
+    run.checkpoint(cfg, model, tok, opt, sched, step, data=data.state(), history=held.history)
     result = {}
-    if cfg.eval_n and not cfg.data:
-        acc, comps = evaluate(model, tok, rewards.held_out(cfg.task, cfg.eval_n), cfg.max_new_tokens)
-        result = {"held_out_accuracy": acc, "n": cfg.eval_n}
-        print(f"held-out greedy accuracy after SFT: {acc:.3f} on {cfg.eval_n} {cfg.task} problems")
-        print("sample:", repr(comps[0]))
-    if eval_rows:
-        after = eval_accuracy()
-        result = {"held_out_accuracy_before": before, "held_out_accuracy": after, "n": len(eval_rows),
-                  "eval_data": cfg.eval_data}
-        print(f"held-out greedy accuracy on {len(eval_rows)} rows of {cfg.eval_data}: before SFT {before:.3f} "
-              f"-> after SFT {after:.3f}")
-    if dist.is_main():
-        with open(os.path.join(cfg.out, "sft_result.json"), "w") as f:
-            json.dump(result, f)
-    log.close()
-    if dist.is_main():
-        print("curves:", plot.draw(cfg.out))   # OUT/curves.svg: every metric over the steps
+    if held:
+        held(model, tok, step, logs)
+        result = held.summary("SFT")
+        result["held_out_accuracy"] = result["held_out_accuracy_after"]
+        print("sample:", repr(held.shown[0]["completion"]))
+    run.finish(cfg, logs, result, "sft_result.json")
     return model, tok, result
 
 
 if __name__ == "__main__":
-    main(parse_config(SFTConfig))
+    main(run.parse_config(SFTConfig))

@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo          # noqa: E402
 import model as M    # noqa: E402
+import checkpoint as CK    # noqa: E402
 import rewards       # noqa: E402
 import rollout       # noqa: E402
 
@@ -152,7 +153,7 @@ def decode_table(model, device, batches, P, T, modes):
 def grpo_steps(shape, device, dtype, engines, steps, num_prompts, G, T, workdir):
     tok = M.build_char_tokenizer()
     mdir = os.path.join(workdir, "model")
-    M.save(build(shape, "cpu", dtype), tok, mdir)
+    CK.save(build(shape, "cpu", dtype), tok, mdir)
     data = os.path.join(workdir, "prompts.jsonl")
     with open(data, "w") as f:
         for p in rewards.ProblemStream("add", seed=1).take(num_prompts * (steps + 1)):

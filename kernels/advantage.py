@@ -1,6 +1,11 @@
 """Group-relative advantages from the rewards of P prompts x G completions (grouped consecutively).
 
-    adv = group_advantages(rewards, G, scale="group", rloo=False)     # (P*G,) -> (P*G,)
+    adv = group_advantages_triton(rewards, G, scale="group", rloo=False)     # (P*G,) -> (P*G,)
+
+Its specification is the trainer's own PyTorch path, grpo.group_advantages_torch, with estimator
+"grpo" (rloo=False) or "rloo": the conventions live there, with the rest of the algorithm, and the test
+(tests/test_kernels.py) compares the two. grpo.group_advantages calls this kernel on CUDA for the two
+estimators it knows; an estimator added to grpo.py runs in PyTorch until a kernel learns it.
 
 Conventions (TRL / verl): A_i = (R_i - mean_g) / (std_g + eps) with the unbiased (n - 1) std over the
 scored samples of the group; scale "batch" divides by the std of every scored reward of the batch, "none"
@@ -16,16 +21,6 @@ is one launch and no host sync, not parallelism). It walks the groups in blocks 
 import torch
 import triton
 import triton.language as tl
-
-
-# -----------------------------------------------------------------------------
-# Reference
-
-def group_advantages_reference(rewards, G, scale="group", rloo=False, eps=1e-4):
-    """The kernel's specification is the trainer's own PyTorch path, grpo.group_advantages_torch: the
-    conventions above live there, with the rest of the algorithm, and nowhere else."""
-    from grpo import group_advantages_torch   # here, not at the top: grpo.py imports this module lazily
-    return group_advantages_torch(rewards, G, scale, rloo, eps)
 
 
 # -----------------------------------------------------------------------------
@@ -112,7 +107,8 @@ if __name__ == "__main__":
     for P, G in [(32, 8), (512, 16), (4096, 8)]:
         r = torch.randn(P * G, device="cuda")
         r[::7] = float("nan")
-        for name, fn in [("reference", group_advantages_reference), ("triton", group_advantages_triton)]:
+        from grpo import group_advantages_torch   # the benchmark's reference (this module never imports grpo)
+        for name, fn in [("reference", group_advantages_torch), ("triton", group_advantages_triton)]:
             fn(r, G); torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(100):

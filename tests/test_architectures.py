@@ -20,6 +20,8 @@ if not torch.cuda.is_available():   # as in tests/test_kernels.py: set before ke
 import grpo  # noqa: E402
 import kernels  # noqa: E402
 import model as M  # noqa: E402
+import data as D  # noqa: E402
+import checkpoint as CK  # noqa: E402
 import rollout  # noqa: E402
 import sft  # noqa: E402
 from conftest import TEST_THREADS, model_logprob_tol  # noqa: E402
@@ -68,7 +70,7 @@ def make_dir(path, family):
     if head.bias is not None:            # transformers initialises it to 0, which would hide a missing bias
         with torch.no_grad():
             head.bias.normal_(0, 1.0)
-    M.save(model, tok, path)
+    CK.save(model, tok, path)
     return tok
 
 
@@ -90,7 +92,7 @@ def test_logprobs_equal_the_models_own(dirs, family, monkeypatch):
     text = "<think>12+34</think> ok"
     assert tok(text).input_ids == saved_tok(text).input_ids
     torch.manual_seed(0)
-    prompts = [M.encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("12+34", "1+2", "345+678")]
+    prompts = [D.encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("12+34", "1+2", "345+678")]
     r = rollout.generate(m, tok, prompts, max_new_tokens=8, temperature=0.7)
     C = r.completion_ids.shape[1]
     tol, _ = model_logprob_tol(m, r.input_ids, r.attention_mask, 0.7)

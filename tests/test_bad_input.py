@@ -10,6 +10,9 @@ import pytest
 import dpo
 import grpo
 import model as M
+import data as D
+import checkpoint as CK
+import lifecycle as L
 import sft
 from conftest import TEST_THREADS
 
@@ -137,14 +140,14 @@ def test_over_length_skip_counts_and_trains_on_the_rest(tmp_path, script, capsys
     main, cfg = config(script, data, out, truncation="skip", **kw)
     main(cfg)
     assert "d.jsonl: skipped 3 of 5 rows over the length limit (--truncation skip)" in capsys.readouterr().out
-    assert M.load_state(out)["step"] == 2
+    assert CK.load_state(out)["step"] == 2
     if script == "sft":  # only the short rows were trained on: "3" + EOS, twice
         with open(os.path.join(out, "sft_metrics.jsonl")) as f:
             assert all(json.loads(line)["num_tokens"] == 4 for line in f)
     # all rows over the limit: nothing left to train on
     write(tmp_path / "d.jsonl", [row, row])
     main, cfg = config(script, data, str(tmp_path / "out2"), truncation="skip", **kw)
-    with pytest.raises(M.DataError, match=r"d\.jsonl: no rows left: all 2 are over the length limit"):
+    with pytest.raises(D.DataError, match=r"d\.jsonl: no rows left: all 2 are over the length limit"):
         main(cfg)
     main, cfg = config(script, data, str(tmp_path / "out3"), truncation="cut", **kw)
     with pytest.raises(ValueError, match="--truncation must be error or skip"):
@@ -159,7 +162,7 @@ def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     m, tok = M.load("tiny")
     tok.chat_template = None
-    M.save(m, tok, str(root / "no_template"))
+    CK.save(m, tok, str(root / "no_template"))
     m, tok = M.load("tiny")
     tok.pad_token = tok.eos_token
     m.save_pretrained(str(root / "pad_eos"))
@@ -181,7 +184,7 @@ def test_conversational_data_needs_a_chat_template(tmp_path, script, model_dirs)
     data = write(tmp_path / "ok.jsonl", [GOOD[script]] * 2)
     main, cfg = config(script, data, str(tmp_path / "ok"), model=model_dirs["no_template"])
     main(cfg)
-    assert M.load_state(str(tmp_path / "ok"))["step"] == 2
+    assert CK.load_state(str(tmp_path / "ok"))["step"] == 2
 
 
 @pytest.mark.parametrize("script", ["grpo", "dpo"])
@@ -221,7 +224,7 @@ def test_resume_with_bad_data_keeps_checkpoint_and_logs(tmp_path, script):
     assert "model.safetensors" in before and os.path.join("trainer_state", "state.pt") in before
     write(tmp_path / "d.jsonl", [GOOD[script], '{"oops"'])
     main, cfg = config(script, data, out, resume=True, steps=4)
-    with pytest.raises(M.DataError, match=r"d\.jsonl:2: malformed JSON"):
+    with pytest.raises(D.DataError, match=r"d\.jsonl:2: malformed JSON"):
         main(cfg)
     assert snapshot(out) == before                       # every byte of every file
 
@@ -274,6 +277,6 @@ def test_a_bad_flag_leaves_a_previous_run_untouched(tmp_path, script):
     for bad in BAD_FLAGS[script]:
         for resume in (False, True):
             main, cfg = config(script, data, out, resume=resume, **bad)
-            with pytest.raises(M.ConfigError, match="^--"):   # a sentence that names the flag
+            with pytest.raises(L.ConfigError, match="^--"):   # a sentence that names the flag
                 main(cfg)
             assert snapshot(out) == before, bad

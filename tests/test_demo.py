@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import evaluate as E
 import grpo
 import rewards
 import sft
@@ -75,7 +76,8 @@ def short_demo(out, seed, threads):
     with open(os.path.join(g, "result.json")) as f:
         res = json.load(f)
     carrying = [p for p in rewards.held_out("add2", 200) if units_carry(p.prompt)]
-    return res["held_out_accuracy_before"], res["held_out_accuracy_after"], sft.evaluate(policy, tok, carrying, 48)[0]
+    after_carrying = E.evaluate(policy, tok, [p.row() for p in carrying], rewards.accuracy_reward, 48)[0]["accuracy"]
+    return res["held_out_accuracy_before"], res["held_out_accuracy_after"], after_carrying
 
 
 def test_sft_then_grpo_fixes_the_carry_the_teacher_forgot(tmp_path):

@@ -21,6 +21,7 @@ import dpo  # noqa: E402
 import grpo  # noqa: E402
 import kernels  # noqa: E402
 import model as M  # noqa: E402
+import checkpoint as CK  # noqa: E402
 import sft  # noqa: E402
 from conftest import TEST_THREADS  # noqa: E402
 from device_emulation import DEVICE, DeviceMix, OnDevice, emulated_device  # noqa: E402
@@ -43,7 +44,7 @@ def device(monkeypatch):
     for mod, name, ref in [(kernels.logprob, "fused_logprob", kernels.logprob.logprob_reference),
                            (kernels.loss_head, "fused_loss_head", kernels.loss_head.loss_head_reference),
                            (kernels.advantage, "group_advantages_triton",
-                            kernels.advantage.group_advantages_reference)]:
+                            lambda r, G, scale, rloo, eps: grpo.group_advantages_torch(r, G, scale, "rloo" if rloo else "grpo", eps))]:
         def kernel(*a, _name=name, _ref=ref, **kw):
             assert all(isinstance(t, OnDevice) for t in a if isinstance(t, torch.Tensor)), _name
             reached.append(_name)
@@ -119,7 +120,7 @@ def test_sft_runs_on_a_device(tmp_path, device, kernels_mode):
 def test_dpo_runs_on_a_device(tmp_path, device, kernels_mode):
     """Two DPO steps from JSONL pairs: reference log-probs (cached on the host), then the policy's."""
     base = str(tmp_path / "base")
-    M.save(*M.load("tiny", seed=3), base)
+    CK.save(*M.load("tiny", seed=3), base)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)})
                             + "\n" for a in range(4)))

@@ -15,8 +15,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import checkpoint as CK
 import dpo
 import grpo
+import model as M
 import rollout
 import sft
 from conftest import FP32_RTOL
@@ -90,8 +92,8 @@ def check_sharded_generate(rank):
     steps (which per-step all-gathers would turn into a hang), greedy, token for token what the whole
     model decodes."""
     import dist
-    whole, tok = grpo.load("tiny")
-    sharded = dist.shard_model(grpo.load("tiny")[0])
+    whole, tok = M.load("tiny")
+    sharded = dist.shard_model(M.load("tiny")[0])
     prompts = [[12 + rank, 40, 50 + 3 * rank], [60, 61 - rank]][:1 + rank]
     for n in (3 + 5 * rank, 2):
         with dist.gathered(sharded):
@@ -175,12 +177,12 @@ def test_two_processes_equal_one(tmp_path, one_process):
         # Adam divides by sqrt(v): where a gradient is ~0 its reordered-sum rounding shows in the update,
         # so the weights agree to a small fraction of how far training moved them (seen: max |diff|
         # 2.8e-5 of a 7.7e-3 move for SFT at lr 3e-3, 1.8e-6 of 6.0e-3 for GRPO); losses to 1e-5.
-        start = grpo.load("tiny")[0].state_dict()
+        start = M.load("tiny")[0].state_dict()
         moved = max(float((wa[k] - start[k]).abs().max()) for k in wa)
         diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
         assert moved > 1e-3 and diff < 0.01 * moved, (name, diff, moved)
     # the 2-process checkpoint holds both ranks' RNG states
-    assert len(grpo.load_state(os.path.join(two, "grpo"))["rng_by_rank"]) == 2
+    assert len(CK.load_state(os.path.join(two, "grpo"))["rng_by_rank"]) == 2
 
 
 def test_fsdp_two_processes_equal_one(tmp_path, one_process):
@@ -191,7 +193,7 @@ def test_fsdp_two_processes_equal_one(tmp_path, one_process):
     os.makedirs(two)
     mp.spawn(_worker, args=(2, free_port(), two, True), nprocs=2, join=True)
 
-    start = grpo.load("tiny")[0].state_dict()
+    start = M.load("tiny")[0].state_dict()
     for name, log, keys in RUNS:
         a, b = metrics(os.path.join(one, name, log)), metrics(os.path.join(two, name, log))
         assert [m["step"] for m in b] == [1, 2, 3]
@@ -209,7 +211,7 @@ def test_fsdp_two_processes_equal_one(tmp_path, one_process):
         assert moved > 1e-3 and diff < 0.01 * moved, (name, diff, moved)
         assert loaded["lm_head.weight"].data_ptr() == loaded["model.embed_tokens.weight"].data_ptr()  # still tied
     # the sharded path ran: AdamW's state came back gathered from the shards, keyed by parameter name
-    st = grpo.load_state(os.path.join(two, "grpo"))["optimizer"]["state"]
+    st = CK.load_state(os.path.join(two, "grpo"))["optimizer"]["state"]
     assert st["model.layers.0.mlp.up_proj.weight"]["exp_avg"].shape == start["model.layers.0.mlp.up_proj.weight"].shape
     # killed after step 2 and resumed under --fsdp (weights, sharded AdamW moments, schedule, data, RNG):
     # step 3 and the final weights are those of the uninterrupted sharded run, bit for bit (the whole
@@ -236,7 +238,7 @@ def test_fsdp_finds_the_decoder_layers():
     # the blocks shard_model wraps one by one, for the built-in Qwen2 and a Llama (untied head)
     import dist
     from transformers import AutoModelForCausalLM, LlamaConfig
-    qwen, _ = grpo.load("tiny")
+    qwen, _ = M.load("tiny")
     llama = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                          num_hidden_layers=3, num_attention_heads=2))
     for m, n in ((qwen, 4), (llama, 3)):

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 
 import dpo
 import model as M
+import data as D
+import checkpoint as CK
 import rewards
-import sft
 from conftest import FP32_RTOL, TEST_THREADS
 
 LOG2 = math.log(2)
@@ -171,7 +172,7 @@ def test_on_policy_pairs_chosen_correct_rejected_wrong(monkeypatch, tiny):
         calls["n"] = len(completions)
         return [float(len(c) % 2 == 0) for c in completions]
 
-    monkeypatch.setattr(rewards, "accuracy_reward", checker)
+    monkeypatch.setitem(rewards.REWARD_FUNCS, "accuracy", checker)   # the task's checker, by name
     torch.manual_seed(0)
     cfg = quiet_dpo(pairs_per_prompt=1)
     problems = rewards.ProblemStream("add", seed=5).take(8)
@@ -179,7 +180,7 @@ def test_on_policy_pairs_chosen_correct_rejected_wrong(monkeypatch, tiny):
     assert calls["n"] == 8 * 4
     assert stats["pairs/num"] == len(pairs) > 0
     assert stats["pairs/num"] + stats["pairs/all_correct"] + stats["pairs/none_correct"] == 8
-    prompts = {tuple(M.encode_prompt(tok, p.row()["prompt"])) for p in problems}
+    prompts = {tuple(D.encode_prompt(tok, p.row()["prompt"])) for p in problems}
     for p in pairs:
         assert tuple(p.prompt) in prompts
         c = tok.decode(p.chosen, skip_special_tokens=True)
@@ -257,10 +258,10 @@ def test_malformed_line_fails_with_file_and_line_before_training(tmp_path):
     bad_json = write_rows(tmp_path / "a.jsonl", ROWS[:2])
     with open(bad_json, "a") as f:
         f.write('{"prompt": "1+\n')
-    with pytest.raises(M.DataError, match=r"a\.jsonl:3: malformed JSON"):
+    with pytest.raises(D.DataError, match=r"a\.jsonl:3: malformed JSON"):
         dpo.main(quiet_dpo(data=bad_json, out=out))
     bad_row = write_rows(tmp_path / "b.jsonl", ROWS[:3] + [{"chosen": "abc", "rejected": "xyz"}] + ROWS[3:])
-    with pytest.raises(M.DataError, match=r"b\.jsonl:4: implicit prompt: .* share no prefix"):
+    with pytest.raises(D.DataError, match=r"b\.jsonl:4: implicit prompt: .* share no prefix"):
         dpo.main(quiet_dpo(data=bad_row, out=out))
     assert not os.path.exists(out)
 
@@ -303,7 +304,7 @@ def test_jsonl_run_with_model_path_and_cached_reference(tmp_path):
     rounding. Metrics use TRL's names."""
     base = str(tmp_path / "base")
     m0, tok = M.load("tiny", seed=3)
-    M.save(m0, tok, base)
+    CK.save(m0, tok, base)
     data = write_rows(tmp_path / "pairs.jsonl", ROWS)
     out = str(tmp_path / "out")
     beta = dpo.DPOConfig.beta
@@ -389,7 +390,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, save_every, cras
     round's pairs and reference come from the cache) or the step-3 one (at the round boundary: round
     1 is sampled after resuming, from the restored RNG and prompt stream), then --resume: same final
     weights and metrics as the uninterrupted run. The output loads with from_pretrained."""
-    monkeypatch.setattr(rewards, "accuracy_reward",
+    monkeypatch.setitem(rewards.REWARD_FUNCS, "accuracy",
                         lambda prompts, completions, **kw: [float(len(c) % 2 == 0) for c in completions])
     a, b = str(tmp_path / "A"), str(tmp_path / "B")
     kw = dict(steps=6, rounds=2, lr=3e-3, save_every=save_every)
@@ -399,7 +400,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, save_every, cras
         dpo.main(quiet_dpo(out=b, **kw))
     monkeypatch.setattr(dpo, "dpo_loss", real)
     gc.collect()                                  # let the crashed run's log files be closed
-    assert M.load_state(b)["step"] == crash - 1
+    assert CK.load_state(b)["step"] == crash - 1
     mb, _, _ = dpo.main(quiet_dpo(out=b, resume=True, **kw))
     # Bitwise: the resumed run restores weights, AdamW state, schedule, RNG, data position and the cached
     # reference exactly, and then runs the same code on the same shapes on this machine with the same

@@ -11,6 +11,7 @@ import torch
 
 import evaluate as E
 import model as M
+import data as D
 import rewards
 import sft
 from conftest import TEST_THREADS
@@ -68,16 +69,18 @@ def test_scores_are_aligned_with_their_prompts(trained):
 
 
 def test_builtin_held_out_equals_what_training_reports(trained):
-    """The built-in path scores the same held-out problems with the same checker as sft.evaluate, the
-    number that sft/grpo/dpo print: the same greedy decoding of the same batches (250 prompts each)
-    on the same model, so equal exactly. A short SFT makes the accuracy non-trivial."""
+    """evaluate.py on the built-in task scores what training reports (HeldOut, which sft/grpo/dpo run):
+    the same rows, checker, greedy decoding and batches (250 prompts each) on the same model, so equal
+    exactly. A short SFT makes the accuracy non-trivial."""
     model, tok = M.load(trained)
     cfg = E.EvalConfig(model=trained, task="add2", n=250, batch_size=250)
     name, fn = E.resolve_reward(cfg.reward, cfg.task, builtin=True)
     assert name == "accuracy"
     ours = E.evaluate(model, tok, E.load_rows(cfg, tok), fn, cfg.max_new_tokens, batch_size=250)[0]["accuracy"]
-    theirs = sft.evaluate(model, tok, rewards.held_out("add2", 250), cfg.max_new_tokens)[0]
-    assert ours == theirs
+    held = E.HeldOut(sft.SFTConfig(task="add2", eval_n=250), tok, E.criterion(sft.SFTConfig(task="add2")), 512,
+                     cfg.max_new_tokens)
+    assert held(model, tok, 0)["held_out_accuracy"] == ours
+    assert [r["prompt"] for r in held.rows] == [p.row()["prompt"] for p in rewards.held_out("add2", 250)]
     assert ours > 0.05, ours   # 150 steps on 2-digit additions: well above 0 (seen ~0.1-0.3)
 
 
@@ -132,7 +135,7 @@ def test_grpo_eval_data_before_every_and_after(tmp_path, trained):
     assert [m["step"] for m in ms if "held_out_accuracy" in m] == [2]
     assert ms[1]["held_out_accuracy"] == res["history"][1]["held_out_accuracy"]
     held.write_text(json.dumps({"answer": "1"}) + "\n")
-    with pytest.raises(M.DataError, match=r"held\.jsonl:1: missing field 'prompt'"):
+    with pytest.raises(D.DataError, match=r"held\.jsonl:1: missing field 'prompt'"):
         grpo.main(grpo.GRPOConfig(init=trained, data=str(data), eval_data=str(held), out=str(tmp_path / "h"),
                                   steps=1, reward_funcs=STARTS, threads=TEST_THREADS))
     assert not os.path.exists(str(tmp_path / "h" / "metrics.jsonl"))
@@ -179,3 +182,32 @@ def test_sft_eval_data_before_and_after(tmp_path, trained):
                            num_examples=8, eval_n=0, save_every=0, threads=TEST_THREADS))
     res = json.load(open(os.path.join(out, "sft_result.json")))
     assert res["held_out_accuracy_before"] == 0.6 and res["n"] == 10 and 0 <= res["held_out_accuracy"] <= 1
+
+
+def test_grpo_eval_samples_logs_pass_at_k_without_changing_the_run(tmp_path, trained):
+    """--eval-samples 4: every evaluation also logs held_out/pass@1,2,4 and mean@4 (pass@1 = mean@4 for a 0/1
+    reward, pass@k non-decreasing), in metrics.jsonl and the history; the samples come from a generator of
+    their own, so the run trains exactly as without them (same code, same shapes: bitwise equal weights)."""
+    import grpo
+    from safetensors.torch import load_file
+    runs = {}
+    for k in (0, 4):
+        out = str(tmp_path / f"g{k}")
+        grpo.main(grpo.GRPOConfig(task="add2", init=trained, out=out, steps=2, num_prompts=4, num_generations=4,
+                                  max_new_tokens=12, eval_n=8, eval_every=1, eval_samples=k, sample_every=0,
+                                  save_every=0, threads=TEST_THREADS))
+        runs[k] = (load_file(os.path.join(out, "model.safetensors")),
+                   json.load(open(os.path.join(out, "result.json")))["history"],
+                   [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))])
+    w0, w4 = runs[0][0], runs[4][0]
+    assert all(torch.equal(w0[n], w4[n]) for n in w0)
+    hist = runs[4][1]
+    assert [h["step"] for h in hist] == [0, 1, 2]
+    for h in hist:
+        assert h["held_out/pass@1"] == pytest.approx(h["held_out/mean@4"], abs=1e-12)
+        assert h["held_out/pass@1"] <= h["held_out/pass@2"] + 1e-12 <= h["held_out/pass@4"] + 2e-12
+    assert "held_out/pass@4" in runs[4][2][0] and "held_out/pass@4" not in runs[0][2][0]
+    assert [h["held_out_accuracy"] for h in runs[0][1]] == [h["held_out_accuracy"] for h in hist]
+    samples = [json.loads(line) for line in open(os.path.join(tmp_path / "g4", "samples.jsonl"))]
+    assert [s["step"] for s in samples if s.get("eval")] == [0, 0, 1, 1, 2, 2]   # two eval completions each
+    assert all({"prompt", "completion", "score"} <= set(s) for s in samples if s.get("eval"))

@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 import dpo
 import grpo
 import model as M
+import data as D
+import checkpoint as CK
+import lifecycle as L
 import sft
 from conftest import TEST_THREADS
 
@@ -98,7 +101,7 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiny, monke
     loads is exactly one checkpoint, weights and state together."""
     model, tok = tiny
     out = str(tmp_path / "ck")
-    M.save(model, tok, out, {"step": 1})
+    CK.save(model, tok, out, {"step": 1})
     w1 = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -107,27 +110,27 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiny, monke
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        M.save(model, tok, out, {"step": 2})                     # dies writing the training state
+        CK.save(model, tok, out, {"step": 2})                     # dies writing the training state
     monkeypatch.setattr(torch, "save", real_save)
-    assert M.load_state(out)["step"] == 1
+    assert CK.load_state(out)["step"] == 1
     assert all(torch.equal(w1[k], v) for k, v in M.load(out)[0].state_dict().items())
-    assert not os.path.exists(os.path.join(out, M.TMP))         # the partial write is cleaned up
+    assert not os.path.exists(os.path.join(out, CK.TMP))         # the partial write is cleaned up
 
     real_replace, moved = os.replace, []
 
     def dying_replace(src, dst):                                # dies after moving the first file in
-        if os.path.basename(os.path.dirname(src)) == M.READY and moved:
+        if os.path.basename(os.path.dirname(src)) == CK.READY and moved:
             raise KeyboardInterrupt("killed mid-swap")
         moved.append(dst)
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        M.save(model, tok, out, {"step": 2})
+        CK.save(model, tok, out, {"step": 2})
     monkeypatch.setattr(os, "replace", real_replace)
-    assert os.path.isdir(os.path.join(out, M.READY))            # committed, half swapped in
-    assert M.load_state(out)["step"] == 2                       # rolled forward on load
-    assert not os.path.exists(os.path.join(out, M.READY))
+    assert os.path.isdir(os.path.join(out, CK.READY))            # committed, half swapped in
+    assert CK.load_state(out)["step"] == 2                       # rolled forward on load
+    assert not os.path.exists(os.path.join(out, CK.READY))
     w2 = M.load(out)[0].state_dict()
     assert all(torch.equal(w2[k], v) for k, v in model.state_dict().items())
 
@@ -136,27 +139,27 @@ def test_a_full_disk_during_a_save_is_said_in_words(tmp_path, tiny, monkeypatch)
     import errno
     model, tok = tiny
     out = str(tmp_path / "ckpt")
-    M.save(model, tok, out, {"step": 1})
+    CK.save(model, tok, out, {"step": 1})
     before = {f: open(os.path.join(out, f), "rb").read() for f in ("model.safetensors", "checksums.json")}
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(M.torch, "save", full)
+    monkeypatch.setattr(CK.torch, "save", full)
     with pytest.raises(OSError, match="could not write the checkpoint: the disk is full .* previous checkpoint "
                                       "there is intact"):
-        M.save(model, tok, out, {"step": 2})
+        CK.save(model, tok, out, {"step": 2})
     monkeypatch.undo()
-    assert not os.path.exists(os.path.join(out, M.TMP))          # the partial one is gone (its space too)
+    assert not os.path.exists(os.path.join(out, CK.TMP))          # the partial one is gone (its space too)
     assert all(open(os.path.join(out, f), "rb").read() == b for f, b in before.items())
-    assert M.load_state(out)["step"] == 1
+    assert CK.load_state(out)["step"] == 1
 
 
 def test_bit_damage_in_a_checkpoint_is_refused_at_load(tmp_path, tiny):
     model, tok = tiny
     out = str(tmp_path / "ckpt")
-    M.save(model, tok, out, {"step": 1})
-    M.load(out), M.load_state(out)                               # whole: both load
-    for name, loader in (("model.safetensors", M.load), (os.path.join("trainer_state", "state.pt"), M.load_state)):
+    CK.save(model, tok, out, {"step": 1})
+    M.load(out), CK.load_state(out)                               # whole: both load
+    for name, loader in (("model.safetensors", M.load), (os.path.join("trainer_state", "state.pt"), CK.load_state)):
         path = os.path.join(out, name)
         data = bytearray(open(path, "rb").read())
         data[-100] ^= 1                                           # one bit, inside the tensor data
@@ -168,7 +171,7 @@ def test_bit_damage_in_a_checkpoint_is_refused_at_load(tmp_path, tiny):
 def test_trim_log_drops_steps_after_the_checkpoint(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6)))
-    M.trim_log(str(path), 3)
+    L.trim_log(str(path), 3)
     assert [r["step"] for r in metrics(path)] == [1, 2, 3]
 
 
@@ -176,14 +179,14 @@ def test_trim_log_drops_a_torn_last_line_and_refuses_damage_inside(tmp_path):
     path = tmp_path / "m.jsonl"
     whole = "".join(json.dumps({"step": s}) + "\n" for s in (1, 2))
     path.write_text(whole + '{"step": 3, "lo')                   # a write cut short (disk full, kill)
-    M.trim_log(str(path), 3)
+    L.trim_log(str(path), 3)
     assert path.read_text() == whole
     path.write_text(whole + '{"step": 3}')                        # whole JSON, newline lost: appends stay lines
-    M.trim_log(str(path), 3)
+    L.trim_log(str(path), 3)
     assert path.read_text().endswith('{"step": 3}\n')
     path.write_text('{"st\n' + whole)
-    with pytest.raises(M.DataError, match=r"m\.jsonl:1: not a JSON line"):
-        M.trim_log(str(path), 3)
+    with pytest.raises(D.DataError, match=r"m\.jsonl:1: not a JSON line"):
+        L.trim_log(str(path), 3)
 
 
 def test_sft_resumes_after_a_torn_metrics_line(tmp_path):
@@ -210,11 +213,11 @@ def test_sft_sigkill_then_resume_is_bitwise_identical(tmp_path):
     kw = dict(steps=10, save_every=1, batch_size=4, num_examples=8, eval_n=0, threads=TEST_THREADS, warmup=3)
     sft.main(sft.SFTConfig(out=a, **kw))
     logged, delay = run_and_kill("sft.py", sft.SFTConfig(out=b, **kw), "sft_metrics.jsonl", kill_after=3)
-    st = M.load_state(b)
+    st = CK.load_state(b)
     assert 2 <= st["step"] < 10, st["step"]                     # at least the step-2 checkpoint is whole
     sft.main(sft.SFTConfig(out=b, resume=True, **kw))
     assert same_weights(a, b), (logged, delay, st["step"])
-    sa, sb = M.load_state(a), M.load_state(b)
+    sa, sb = CK.load_state(a), CK.load_state(b)
     assert sa["data"] == sb["data"] == {"epoch": 4, "pos": 8, "n": 8}
     assert all(torch.equal(x, y) for x, y in zip(sa["rng"]["torch"], sb["rng"]["torch"]))
     for x, y in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
@@ -236,11 +239,11 @@ def test_grpo_sigkill_then_resume_is_bitwise_identical(tmp_path):
               lr=1e-3, num_iterations=2, beta=0.04)
     grpo.main(grpo.GRPOConfig(out=a, **kw))
     logged, delay = run_and_kill("grpo.py", grpo.GRPOConfig(out=b, **kw), "metrics.jsonl", kill_after=3)
-    killed_at = M.load_state(b)["step"]
+    killed_at = CK.load_state(b)["step"]
     assert 2 <= killed_at < 8
     grpo.main(grpo.GRPOConfig(out=b, resume=True, **kw))
     assert same_weights(a, b), (logged, delay, killed_at)
-    assert M.load_state(a)["data"] == M.load_state(b)["data"]
+    assert CK.load_state(a)["data"] == CK.load_state(b)["data"]
     assert without_time(metrics(os.path.join(a, "metrics.jsonl"))) == \
         without_time(metrics(os.path.join(b, "metrics.jsonl")))
     assert metrics(os.path.join(a, "samples.jsonl")) == metrics(os.path.join(b, "samples.jsonl"))
@@ -274,7 +277,7 @@ def assert_skipped_once(seen, rows, n):
     assert not same(seen[n - 2], seen[n - 1])         # the step before did train
     assert not same(seen[n], seen[n + 1])             # and training goes on
     assert [r["skipped_steps"] for r in rows] == [int(r["step"] == n) for r in rows]
-    # the NaN grad norm is logged as null (model.metrics_line: the log stays strict JSON)
+    # the NaN grad norm is logged as null (lifecycle.metrics_line: the log stays strict JSON)
     assert rows[n - 1]["grad_norm"] is None and all(math.isfinite(r["grad_norm"]) for r in rows if r["step"] != n)
 
 
@@ -286,7 +289,7 @@ def test_sft_skips_a_nan_step(tmp_path, monkeypatch):
                            warmup=1))
     assert_skipped_once(seen, metrics(os.path.join(out, "sft_metrics.jsonl")), 3)
     # Adam's state never saw the NaN step: its step count is 4 of 5 and its moments are finite
-    st = M.load_state(out)["optimizer"]["state"]
+    st = CK.load_state(out)["optimizer"]["state"]
     assert all(int(s["step"]) == 4 and torch.isfinite(s["exp_avg_sq"]).all() for s in st.values())
 
 
@@ -338,7 +341,7 @@ def test_resume_refuses_what_the_checkpoint_was_made_with(tmp_path):
     before = snapshot(out)
     for bad in (dict(seed=1), dict(batch_size=4), dict(max_length=100), dict(model=out)):
         main, cfg = config("sft", data, out, resume=True, steps=3, **bad)
-        with pytest.raises(M.ConfigError, match="--resume cannot change --"):
+        with pytest.raises(L.ConfigError, match="--resume cannot change --"):
             main(cfg)
         assert snapshot(out) == before, bad
 
@@ -353,7 +356,7 @@ def test_resume_refuses_data_of_another_size(tmp_path, script):
     main(cfg)
     before = snapshot(out)
     main, cfg = config(script, write(tmp_path / "d.jsonl", [GOOD[script]] * 2), out, resume=True, steps=3)
-    with pytest.raises(M.ConfigError, match="the data has 2 rows, the checkpoint was trained on 4"):
+    with pytest.raises(D.DataError, match="the data has 2 rows, the checkpoint was trained on 4"):
         main(cfg)
     assert snapshot(out) == before
 
@@ -370,9 +373,10 @@ def test_resume_applies_a_new_lr_and_records_it(tmp_path, script, capsys):
     main(cfg)
     printed = capsys.readouterr().out
     assert "--lr 0.001 -> 0.004" in printed and "--steps 2 -> 3" in printed
-    name, key = ("sft_metrics.jsonl", "lr") if script == "sft" else ("metrics.jsonl", "learning_rate")
+    name = "sft_metrics.jsonl" if script == "sft" else "metrics.jsonl"
+    key = "learning_rate"
     last = metrics(os.path.join(out, name))[-1]
-    want = 4e-3 * (sft.cosine_lr(3, 1, 3) if script == "sft" else 1.0)   # grpo: warmup 0, constant
+    want = 4e-3 * (L.cosine_lr(1, 3)(3) if script == "sft" else 1.0)   # grpo: warmup 0, constant
     assert last["step"] == 3 and last[key] == pytest.approx(want, rel=1e-12)
     assert json.load(open(os.path.join(out, "run_config.json")))["lr"] == 4e-3
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo import _nanstd, aggregate, group_advantages, kl_penalty, merge_rounds, per_token_loss, score
+from grpo import Batch, _nanstd, aggregate, group_advantages, kl_penalty, merge_rounds, per_token_loss, score
 from rollout import Rollout
 
 NAN = float("nan")
@@ -48,10 +48,10 @@ def test_group_advantages_scale_none_and_rloo():
     0 - (1+1+1)/3 = -1; with scale group it is then divided by the group std."""
     assert close(group_advantages(R, 4, "none"), [0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75])
     rloo = [2 / 3, -2 / 3, -2 / 3, 2 / 3, 1 / 3, 1 / 3, 1 / 3, -1.0]
-    assert close(group_advantages(R, 4, "none", rloo=True), rloo)
+    assert close(group_advantages(R, 4, "none", estimator="rloo"), rloo)
     s1, s2 = math.sqrt(1 / 3), 0.5
     scaled = [v / (s1 + EPS) for v in rloo[:4]] + [v / (s2 + EPS) for v in rloo[4:]]
-    assert close(group_advantages(R, 4, "group", rloo=True), scaled)
+    assert close(group_advantages(R, 4, "group", estimator="rloo"), scaled)
 
 
 def test_group_advantages_degenerate_groups():
@@ -60,15 +60,15 @@ def test_group_advantages_degenerate_groups():
     either possible order, ((a+a)+a)+a or (a+a)+(a+a) (checked), so the mean is a, every deviation 0
     and 0 / (0 + eps) = 0, whatever order the CPU's sum kernel uses."""
     assert torch.equal(group_advantages(torch.tensor([1., 0., 3.]), 1, "group"), torch.zeros(3))
-    assert torch.equal(group_advantages(torch.tensor([1., 0., 3.]), 1, "none", rloo=True), torch.zeros(3))
+    assert torch.equal(group_advantages(torch.tensor([1., 0., 3.]), 1, "none", estimator="rloo"), torch.zeros(3))
     same = torch.tensor([0.7, 0.7, 0.7, 0.7, 1., 0., 1., 0.])
     adv = group_advantages(same, 4, "group")
     assert torch.equal(adv[:4], torch.zeros(4))
     assert (adv[4:] != 0).all()
     all_nan = torch.tensor([NAN, NAN, NAN, NAN, 1., 0., 0., 1.])
     for scale in ("group", "batch", "none"):
-        for rloo in (False, True):
-            adv = group_advantages(all_nan, 4, scale, rloo=rloo)
+        for est in ("grpo", "rloo"):
+            adv = group_advantages(all_nan, 4, scale, estimator=est)
             assert torch.isfinite(adv).all()
             assert torch.equal(adv[:4], torch.zeros(4))
 
@@ -81,7 +81,7 @@ def test_group_advantages_nan_excluded_from_statistics():
     s = math.sqrt(1 / 3)
     assert close(group_advantages(r, 4, "group"), [(2 / 3) / (s + EPS), 0, (-1 / 3) / (s + EPS), (-1 / 3) / (s + EPS),
                                                     0, 0, 0, 0])
-    assert close(group_advantages(r, 4, "none", rloo=True), [1, 0, -0.5, -0.5, 0, 0, 0, 0])
+    assert close(group_advantages(r, 4, "none", estimator="rloo"), [1, 0, -0.5, -0.5, 0, 0, 0, 0])
     # batch std over the 4 scored rewards [1, 0, 0, 5]: mean 1.5, sq dev 0.25+2.25+2.25+12.25 = 17, var 17/3
     sb = math.sqrt(17 / 3)
     assert close(group_advantages(r, 4, "batch"), [(2 / 3) / (sb + EPS), 0, (-1 / 3) / (sb + EPS),
@@ -295,10 +295,12 @@ def _round(prompt_len, C, base, keep):
     cmask = torch.ones(B, C)
     cmask[1, -1] = 0.0                       # row 1 ends early
     attn = torch.cat([torch.ones(B, prompt_len, dtype=torch.long), cmask.long()], 1)
-    roll = Rollout(ids, attn, cmask, torch.zeros(B, C), torch.tensor([True, False, False, True]), prompt_len)
+    logp = -(torch.arange(B * C, dtype=torch.float32).view(B, C) + base) * cmask   # traceable sampling log-probs
+    roll = Rollout(ids, attn, cmask, logp, torch.tensor([True, False, False, True]), prompt_len)
+    roll.loss_mask[3] = 0.0                  # a row the trainer dropped from the loss (e.g. truncated)
     R = torch.tensor([base + 0.0, base + 1.0, base + 2.0, base + 3.0])
-    return (roll, [f"p{base}_{i}" for i in range(B)], [f"t{base}_{i}" for i in range(B)], R[:, None].clone(), R,
-            torch.tensor(keep))
+    return Batch(roll, [f"p{base}_{i}" for i in range(B)], [f"t{base}_{i}" for i in range(B)], R[:, None].clone(), R,
+                 torch.tensor(keep))
 
 
 def test_merge_rounds_keeps_groups_in_order_and_pads():
@@ -306,24 +308,29 @@ def test_merge_rounds_keeps_groups_in_order_and_pads():
     completions right-padded (with pad id, attention 0, completion mask 0) to the longest."""
     r1 = _round(3, 2, 100, [False, True])    # group 1 of round 1 kept
     r2 = _round(4, 3, 200, [True, True])     # both groups of round 2 kept; only the first fits (P=2)
-    merged, prompts, texts, per_fn, R = merge_rounds([r1, r2], 2, 2, pad_id=-1)
+    b = merge_rounds([r1, r2], 2, 2, pad_id=-1)
+    merged, prompts, texts, per_fn, R = b.roll, b.prompts, b.texts, b.per_fn, b.rewards
     cmask, trunc = merged.completion_mask, merged.truncated
     assert merged.prompt_len == 4 and merged.input_ids.shape == (4, 7)
     assert prompts == ["p100_2", "p100_3", "p200_0", "p200_1"]
     assert texts == ["t100_2", "t100_3", "t200_0", "t200_1"]
     assert R.tolist() == [102.0, 103.0, 200.0, 201.0] and per_fn[:, 0].tolist() == R.tolist()
-    row = r1[0].input_ids[2].tolist()
+    row = r1.roll.input_ids[2].tolist()
     assert merged.input_ids[0].tolist() == [-1] + row + [-1]
     assert merged.attention_mask[0].tolist() == [0, 1, 1, 1, 1, 1, 0]
     assert cmask.tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]]
-    assert torch.equal(merged.input_ids[2:], r2[0].input_ids[:2])
+    assert torch.equal(merged.input_ids[2:], r2.roll.input_ids[:2])
     assert trunc.tolist() == [False, True, True, False]
+    # the sampling log-probs and the loss mask travel with their rows (0 on the padding)
+    assert merged.logprobs[0].tolist() == r1.roll.logprobs[2].tolist() + [0.0]
+    assert torch.equal(merged.logprobs[2:], r2.roll.logprobs[:2])
+    assert merged.loss_mask.tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1], [1, 1, 0]]
 
 
 def test_merge_rounds_nothing_kept_uses_last_round():
     """When no group had signal in any round, the last round is used as it is."""
     r1 = _round(3, 2, 100, [False, False])
     r2 = _round(4, 3, 200, [False, False])
-    merged, prompts, _, _, R = merge_rounds([r1, r2], 2, 2, pad_id=-1)
-    assert torch.equal(merged.input_ids, r2[0].input_ids)
-    assert R.tolist() == [200.0, 201.0, 202.0, 203.0]
+    b = merge_rounds([r1, r2], 2, 2, pad_id=-1)
+    assert torch.equal(b.roll.input_ids, r2.roll.input_ids) and torch.equal(b.roll.logprobs, r2.roll.logprobs)
+    assert b.rewards.tolist() == [200.0, 201.0, 202.0, 203.0]

@@ -25,9 +25,10 @@ import kernels  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
 from conftest import TEST_THREADS, dot_tol, unit_roundoff  # noqa: E402
-from kernels.advantage import group_advantages_reference, group_advantages_triton  # noqa: E402
+from kernels.advantage import group_advantages_triton  # noqa: E402
 from kernels.logprob import Tiles, dlogits, fused_logprob, logprob_reference, row_stats  # noqa: E402
 from kernels.loss_head import fused_loss_head, loss_head_reference  # noqa: E402
+from rollout import Rollout  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -234,10 +235,10 @@ def test_advantage_kernel_matches_reference(scale, rloo):
         r[:G] = math.nan                            # a whole group unscorable
         if G > 1:
             r[G:2 * G] = 0.5                        # a group with equal rewards: advantage 0
-        ref = group_advantages_reference(r, G, scale, rloo)
+        ref = grpo.group_advantages_torch(r, G, scale, "rloo" if rloo else "grpo")
         # the trainer's own: r is a CPU tensor, so grpo.group_advantages runs group_advantages_torch, the
         # very function the reference is: same code, same input, bitwise
-        assert torch.equal(ref, grpo.group_advantages(r, G, scale, rloo=rloo))
+        assert torch.equal(ref, grpo.group_advantages(r, G, scale, "rloo" if rloo else "grpo"))
         out = group_advantages_triton(r.to(DEV), G, scale, rloo).cpu()
         close(out, ref, 1e-5)
         assert (out[:G] == 0).all() and not out.isnan().any()
@@ -292,7 +293,9 @@ def test_grpo_loss_head_matches_pytorch_loss(switch, loss_type, off_policy, beta
 
     def step():
         m.zero_grad(set_to_none=True)
-        loss, st, ent = grpo.micro_batch_loss(cfg, m, ids, attn, C, adv, mask, old, ref, B, n_tok)
+        roll = Rollout(ids, attn, mask, torch.zeros_like(mask), torch.zeros(B, dtype=torch.bool), ids.shape[1] - C)
+        batch = grpo.Batch(roll, [None] * B, [""] * B, None, None, advantages=adv, old_logp=old, ref_logp=ref)
+        loss, st, ent = grpo.micro_batch_loss(cfg, m, batch, slice(0, B), B, n_tok)
         loss.backward()
         return loss.detach(), st, ent.detach(), model_grads(m)
 

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import grpo
 import model as M
+import data as D
+import checkpoint as CK
 import sft
 from conftest import TEST_THREADS, greedy_agreement
 from rollout import generate, left_pad
@@ -27,7 +29,7 @@ def make_llama_dir(path):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
-    M.save(LlamaForCausalLM(cfg), tok, path)
+    CK.save(LlamaForCausalLM(cfg), tok, path)
     return tok
 
 
@@ -38,7 +40,7 @@ def test_llama_dir_loads_and_chat_template_has_one_bos(tmp_path):
     make_llama_dir(d)
     m, tok = M.load(d)
     assert type(m).__name__ == "LlamaForCausalLM"
-    p, c = M.encode_example(tok, [{"role": "user", "content": "1+2"}], [{"role": "assistant", "content": "3"}])
+    p, c = D.encode_example(tok, [{"role": "user", "content": "1+2"}], [{"role": "assistant", "content": "3"}])
     assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 1
     assert p == [tok.bos_token_id] + tok.convert_tokens_to_ids(["<|user|>", "1", "+", "2", "<|assistant|>"])
     assert c == tok.convert_tokens_to_ids(["3", "<eos>"])
@@ -49,7 +51,7 @@ def test_llama_greedy_rollout_equals_generate(tmp_path):
     d = str(tmp_path / "llama")
     make_llama_dir(d)
     m, tok = M.load(d)
-    prompts = [M.encode_prompt(tok, [{"role": "user", "content": s}]) for s in ("1+2", "345+678", "9")]
+    prompts = [D.encode_prompt(tok, [{"role": "user", "content": s}]) for s in ("1+2", "345+678", "9")]
     r = generate(m, tok, prompts, 10, greedy=True)
     ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
     ref = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,

@@ -8,6 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model as M
+import data as D
+import checkpoint as CK
+import lifecycle as L
 import rollout
 import sft
 from conftest import dot_tol, greedy_agreement, logprob_tol, model_logprob_tol
@@ -17,7 +20,7 @@ PROMPTS = ["12+34", "1+2", "345+678", "9+9", "7,3,2->23"]
 
 
 def chat(tok, text):
-    return M.encode_prompt(tok, [{"role": "user", "content": text}])
+    return D.encode_prompt(tok, [{"role": "user", "content": text}])
 
 
 def varied_model(seed=0, eos_boost=8.0):
@@ -41,9 +44,9 @@ def test_tokenizer_ids_and_chat_template(tok):
     single tokens; decoding without special tokens keeps the tags and drops <eos>/<pad>."""
     assert tok.pad_token_id != tok.eos_token_id
     v = tok.get_vocab()
-    ids = M.chat_ids(tok, [{"role": "user", "content": "1+2"}], add_generation_prompt=True)
+    ids = D.chat_ids(tok, [{"role": "user", "content": "1+2"}], add_generation_prompt=True)
     assert ids == [v["<|user|>"], v["1"], v["+"], v["2"], v["<|assistant|>"]]
-    assert M.chat_ids(tok, [{"role": "user", "content": "1+2"}], add_generation_prompt=False) == ids[:-1]
+    assert D.chat_ids(tok, [{"role": "user", "content": "1+2"}], add_generation_prompt=False) == ids[:-1]
     for tag in ("<think>", "</think>", "<answer>", "</answer>"):
         assert tok(tag, add_special_tokens=False).input_ids == [v[tag]]
     text = "<think>1+2=3</think><answer>3</answer>"
@@ -59,7 +62,7 @@ def test_tokenizer_round_trips_through_autotokenizer(tok, tmp_path):
     left padding. (A generic tokenizer class would come back as a byte-level Qwen2Tokenizer, because
     AutoTokenizer picks the class from config.json's model_type, and would drop the spaces.)"""
     m, _ = M.load("tiny")
-    M.save(m, tok, str(tmp_path))
+    CK.save(m, tok, str(tmp_path))
     t2 = AutoTokenizer.from_pretrained(str(tmp_path))
     text = "<|user|>What is 12 + 345?<|assistant|><think>12 + 345 = 357</think> <answer>357</answer><eos>"
     ids = tok(text, add_special_tokens=False).input_ids
@@ -70,7 +73,7 @@ def test_tokenizer_round_trips_through_autotokenizer(tok, tmp_path):
     assert (len(t2), t2.pad_token_id, t2.eos_token_id, t2.padding_side) == (len(tok), tok.pad_token_id,
                                                                            tok.eos_token_id, "left")
     msgs = [{"role": "user", "content": "1 + 2"}, {"role": "assistant", "content": "<answer>3</answer>"}]
-    assert M.chat_ids(t2, msgs, False) == M.chat_ids(tok, msgs, False)
+    assert D.chat_ids(t2, msgs, False) == D.chat_ids(tok, msgs, False)
 
 
 def test_check_tokenizer_rejects_pad_equal_eos():
@@ -92,26 +95,26 @@ def test_encode_example_eos(tok):
     eos = tok.eos_token_id
     prompt = [{"role": "user", "content": "1+2"}]
     comp = [{"role": "assistant", "content": "<think>1+2=3</think><answer>3</answer>"}]
-    p, c = M.encode_example(tok, prompt, comp)
-    assert p == M.chat_ids(tok, prompt, True)
-    assert p + c == M.chat_ids(tok, prompt + comp, False)
+    p, c = D.encode_example(tok, prompt, comp)
+    assert p == D.chat_ids(tok, prompt, True)
+    assert p + c == D.chat_ids(tok, prompt + comp, False)
     assert c[-1] == eos and c.count(eos) == 1
     assert tok.decode(c, skip_special_tokens=True) == comp[0]["content"]
     v = tok.get_vocab()
-    p, c = M.encode_example(tok, "1+2=", "3")
+    p, c = D.encode_example(tok, "1+2=", "3")
     assert p == [v["1"], v["+"], v["2"], v["="]]
     assert c == [v["3"], eos]
     with pytest.raises(ValueError, match="both"):
-        M.encode_example(tok, prompt, "3")
+        D.encode_example(tok, prompt, "3")
 
 
 # -----------------------------------------------------------------------------
 # layouts
 
-def test_sft_collate_exact_layout():
+def test_collate_exact_layout():
     """[left-padded prompt | right-padded completion] with the completion mask on completion tokens."""
     ex = [([1, 2], [3, 4, 5]), ([6, 7, 8], [9])]
-    ids, attn, cmask = sft.collate(ex, pad_id=0, device="cpu")
+    ids, attn, cmask = D.collate(ex, pad_id=0, device="cpu")
     assert ids.tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 0, 0]]
     assert attn.tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
     assert cmask.tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -244,9 +247,9 @@ def test_token_logprobs_match_naive_reference():
     entropy equals -(p * log p).sum, at temperature 1 and 0.7."""
     torch.manual_seed(0)
     m, tok = varied_model(eos_boost=1.0)
-    ex = [M.encode_example(tok, [{"role": "user", "content": p}],
+    ex = [D.encode_example(tok, [{"role": "user", "content": p}],
                            [{"role": "assistant", "content": "<think>" + p[::-1] + "</think>"}]) for p in PROMPTS]
-    ids, attn, cmask = sft.collate(ex, tok.pad_token_id, "cpu")
+    ids, attn, cmask = D.collate(ex, tok.pad_token_id, "cpu")
     T, C = ids.shape[1], cmask.shape[1]
     with torch.no_grad():
         full = m(input_ids=ids, attention_mask=attn, position_ids=M.position_ids(attn)).logits.float()
@@ -326,19 +329,19 @@ def test_save_load_round_trip(tmp_path):
     os.makedirs(d)
     with open(os.path.join(d, "metrics.jsonl"), "w") as f:
         f.write('{"step": 1}\n')
-    M.save(m, tok, d, state={"step": 3, "data": {"position": 17}})
+    CK.save(m, tok, d, state={"step": 3, "data": {"position": 17}})
     for name in ("model.safetensors", "config.json", "generation_config.json", "trainer_state/state.pt",
                  "metrics.jsonl"):
         assert os.path.isfile(os.path.join(d, name)), name
     assert not os.path.exists(os.path.join(d, ".tmp"))
-    assert M.load_state(d)["step"] == 3 and M.load_state(d)["data"] == {"position": 17}
+    assert CK.load_state(d)["step"] == 3 and CK.load_state(d)["data"] == {"position": 17}
 
     m2 = AutoModelForCausalLM.from_pretrained(d).eval()
     tok2 = AutoTokenizer.from_pretrained(d)
     text = "<think>12+34=46</think><answer>46</answer>"
     assert tok2(text).input_ids == tok(text).input_ids
     msgs = [{"role": "user", "content": "12+34"}]
-    assert M.chat_ids(tok2, msgs, True) == M.chat_ids(tok, msgs, True)
+    assert D.chat_ids(tok2, msgs, True) == D.chat_ids(tok, msgs, True)
     assert tok2.chat_template == tok.chat_template
     assert (tok2.pad_token_id, tok2.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
     M.check_tokenizer(tok2, d)
@@ -353,8 +356,8 @@ def test_save_load_round_trip(tmp_path):
     # model.load reads it back the same way, and saving again replaces the checkpoint in place
     m3, tok3 = M.load(d)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m3.state_dict().values()))
-    M.save(m3, tok3, d, state={"step": 5})
-    assert M.load_state(d)["step"] == 5
+    CK.save(m3, tok3, d, state={"step": 5})
+    assert CK.load_state(d)["step"] == 5
     with open(os.path.join(d, "metrics.jsonl")) as f:
         assert f.read() == '{"step": 1}\n'
 
@@ -377,17 +380,17 @@ def test_read_jsonl_malformed_line(tmp_path):
     """Malformed JSON on line 3 is reported as 'file:3'; blank lines still count as lines."""
     ok = json.dumps({"prompt": "a", "completion": "b"})
     p = write_lines(tmp_path / "d.jsonl", [ok, ok, '{"prompt": "a", ', ok])
-    with pytest.raises(M.DataError, match=r"d\.jsonl:3: malformed JSON"):
-        M.read_jsonl(p, sft.check_sft_row)
+    with pytest.raises(D.DataError, match=r"d\.jsonl:3: malformed JSON"):
+        D.read_jsonl(p, sft.check_sft_row)
     p = write_lines(tmp_path / "e.jsonl", [ok, "", ok, "[1, 2]"])
-    with pytest.raises(M.DataError, match=r"e\.jsonl:4: expected a JSON object"):
-        M.read_jsonl(p, sft.check_sft_row)
+    with pytest.raises(D.DataError, match=r"e\.jsonl:4: expected a JSON object"):
+        D.read_jsonl(p, sft.check_sft_row)
     p = write_lines(tmp_path / "f.jsonl", [ok, "", ok])
-    assert len(M.read_jsonl(p, sft.check_sft_row)) == 2
-    with pytest.raises(M.DataError, match="no rows"):
-        M.read_jsonl(write_lines(tmp_path / "g.jsonl", ["", " "]), sft.check_sft_row)
-    with pytest.raises(M.DataError, match="no such file"):
-        M.read_jsonl(str(tmp_path / "missing.jsonl"), sft.check_sft_row)
+    assert len(D.read_jsonl(p, sft.check_sft_row)) == 2
+    with pytest.raises(D.DataError, match="no rows"):
+        D.read_jsonl(write_lines(tmp_path / "g.jsonl", ["", " "]), sft.check_sft_row)
+    with pytest.raises(D.DataError, match="no such file"):
+        D.read_jsonl(str(tmp_path / "missing.jsonl"), sft.check_sft_row)
 
 
 @pytest.mark.parametrize("row, msg", [
@@ -405,30 +408,30 @@ def test_check_sft_row_errors(tmp_path, row, msg):
     """Each malformed row is rejected with file:line and a message naming the problem."""
     good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
     p = write_lines(tmp_path / "d.jsonl", [good, json.dumps(row)])
-    with pytest.raises(M.DataError, match=r"d\.jsonl:2: .*" + msg):
-        M.read_jsonl(p, sft.check_sft_row)
+    with pytest.raises(D.DataError, match=r"d\.jsonl:2: .*" + msg):
+        D.read_jsonl(p, sft.check_sft_row)
 
 
 def test_shuffled_cycle_epochs_and_resume():
     """Every epoch is a permutation of the rows; (epoch, pos) restores the exact continuation."""
-    a = M.ShuffledCycle(5, seed=3)
+    a = D.ShuffledCycle(5, seed=3)
     first = a.take(5)
     assert sorted(first) == list(range(5))
     a.take(3)
     st = a.state()
     assert st == {"epoch": 1, "pos": 3, "n": 5}
     rest = a.take(9)
-    b = M.ShuffledCycle(5, seed=3)
+    b = D.ShuffledCycle(5, seed=3)
     b.load(st)
     assert b.take(9) == rest
     assert sorted(rest[2:7]) == list(range(5))            # epoch 2 is a full permutation again
-    assert M.ShuffledCycle(5, seed=4).take(5) != first or M.ShuffledCycle(5, seed=5).take(5) != first
+    assert D.ShuffledCycle(5, seed=4).take(5) != first or D.ShuffledCycle(5, seed=5).take(5) != first
 
 
 def test_parse_config_flags():
     """Dataclass fields become --dashed flags with their types; bools get --x / --no-x."""
     from grpo import GRPOConfig
-    cfg = M.parse_config(GRPOConfig, ["--lr", "1e-4", "--num-prompts", "3", "--resume", "--loss-type", "grpo",
+    cfg = L.parse_config(GRPOConfig, ["--lr", "1e-4", "--num-prompts", "3", "--resume", "--loss-type", "grpo",
                                       "--no-dynamic-sampling"])
     assert cfg.lr == 1e-4 and cfg.num_prompts == 3 and cfg.resume is True and cfg.loss_type == "grpo"
     assert cfg.dynamic_sampling is False and cfg.steps == GRPOConfig.steps

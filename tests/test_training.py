@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import grpo
 import model as M
+import data as D
+import checkpoint as CK
 import rollout
 import sft
 from conftest import FP32_RTOL, TEST_THREADS
@@ -47,9 +49,9 @@ def test_sft_loss_is_completion_only(tiny):
     as the completion-only layout, and changing prompt-token log-probs does not change it; the EOS
     of every example is inside the loss mask."""
     m, tok = tiny
-    ex = [M.encode_example(tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": c}])
+    ex = [D.encode_example(tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": c}])
           for p, c in (("12+34", "<think>x</think><answer>46</answer>"), ("1+2", "<answer>3</answer>"))]
-    ids, attn, cmask = sft.collate(ex, tok.pad_token_id, "cpu")
+    ids, attn, cmask = D.collate(ex, tok.pad_token_id, "cpu")
     T, C = ids.shape[1], cmask.shape[1]
     P = T - C
     with torch.no_grad():
@@ -79,7 +81,7 @@ def test_sft_learns(tmp_path):
     assert first > 4.0                         # a random model is ~uniform over 105 tokens
     assert last < 0.6 * first, (first, last)
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
-    assert M.load_state(out)["step"] == 30
+    assert CK.load_state(out)["step"] == 30
     with open(os.path.join(out, "sft_result.json")) as f:
         assert json.load(f) == {}
 
@@ -92,7 +94,7 @@ def test_grpo_step_moves_logprobs_in_the_direction_of_the_advantage():
     summed log-prob of the first and lowers that of the second; A = 0 rows are left alone by the loss."""
     torch.manual_seed(0)
     m, tok = M.load("tiny", seed=0)
-    prompts = [M.encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("12+34", "345+678") for _ in range(2)]
+    prompts = [D.encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("12+34", "345+678") for _ in range(2)]
     m.eval()
     r = rollout.generate(m, tok, prompts, max_new_tokens=8)
     m.train()
@@ -123,7 +125,7 @@ def test_all_masked_batch_changes_nothing(loss_type):
     (weight_decay 0, as in grpo.py) leaves every parameter bit-for-bit unchanged."""
     torch.manual_seed(0)
     m, tok = M.load("tiny", seed=0)
-    prompts = [M.encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("12+34", "1+2")]
+    prompts = [D.encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("12+34", "1+2")]
     r = rollout.generate(m, tok, prompts, max_new_tokens=6)
     C = r.completion_ids.shape[1]
     mask = torch.zeros_like(r.completion_mask)
@@ -147,7 +149,7 @@ def test_micro_batch_accumulation_equals_full_batch_gradient(loss_type):
     batch's normalisers) accumulates exactly the full-batch parameter gradient."""
     torch.manual_seed(0)
     m, tok = M.load("tiny", seed=0)
-    prompts = [M.encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("12+34", "5+6", "789+1", "3")
+    prompts = [D.encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("12+34", "5+6", "789+1", "3")
                for _ in range(2)]
     r = rollout.generate(m, tok, prompts, max_new_tokens=8)
     B, C = r.completion_mask.shape
@@ -197,7 +199,7 @@ def test_sft_resume_after_crash_gives_the_same_run(tmp_path, monkeypatch):
         sft.main(sft.SFTConfig(out=b, **kw))
     monkeypatch.setattr(sft, "collate", real_collate)
     gc.collect()                                  # let the crashed run's log file be closed
-    assert M.load_state(b)["step"] == 2
+    assert CK.load_state(b)["step"] == 2
     mb, _, _ = sft.main(sft.SFTConfig(out=b, resume=True, **kw))
     # Bitwise: the resumed run restores weights, AdamW state, schedule, RNG and data position exactly and
     # then runs the same code on the same shapes, on this machine, with the same thread count, as the
@@ -207,7 +209,7 @@ def test_sft_resume_after_crash_gives_the_same_run(tmp_path, monkeypatch):
     lb = {m["step"]: m for m in metrics(os.path.join(b, "sft_metrics.jsonl"))}
     assert sorted(la) == sorted(lb) == [1, 2, 3, 4]
     for st in (3, 4):  # (bitwise, for the same reason)
-        assert la[st]["loss"] == lb[st]["loss"] and la[st]["lr"] == lb[st]["lr"]
+        assert la[st]["loss"] == lb[st]["loss"] and la[st]["learning_rate"] == lb[st]["learning_rate"]
 
 
 def test_sft_from_jsonl(tmp_path):
@@ -223,7 +225,7 @@ def test_sft_from_jsonl(tmp_path):
     assert ms[-1]["loss"] < ms[0]["loss"]
     # num_tokens: "3"+EOS = 2, and "<answer>4</answer>"+EOS = 4
     assert all(m["num_tokens"] == 6 for m in ms)
-    with pytest.raises(M.DataError, match=r"sft\.jsonl:2: .*unknown role"):
+    with pytest.raises(D.DataError, match=r"sft\.jsonl:2: .*unknown role"):
         data.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
         sft.main(sft.SFTConfig(data=str(data), out=str(tmp_path / "out2"), steps=1, eval_n=0,
                                threads=TEST_THREADS))
@@ -241,7 +243,7 @@ def test_grpo_resume_gives_the_same_run(tmp_path):
     kw = dict(save_every=2, reward_funcs=TOY, lr=1e-3, num_iterations=2, beta=0.04)
     ma, _, _ = grpo.main(quiet_grpo(out=a, steps=4, **kw))
     grpo.main(quiet_grpo(out=b, steps=2, **kw))
-    assert M.load_state(b)["step"] == 2
+    assert CK.load_state(b)["step"] == 2
     mb, _, _ = grpo.main(quiet_grpo(out=b, steps=4, resume=True, **kw))
     wa = load_file(os.path.join(a, "model.safetensors"))
     wb = load_file(os.path.join(b, "model.safetensors"))
@@ -263,7 +265,7 @@ def test_grpo_resume_gives_the_same_run(tmp_path):
     sd = hf.state_dict()                          # (a saved copy of the same tensors: exact)
     assert all(torch.equal(sd[k], v) for k, v in ma.state_dict().items())
     assert all(torch.equal(sd[k], v) for k, v in mb.state_dict().items())
-    assert M.load_state(a)["step"] == 4 and M.load_state(b)["step"] == 4
+    assert CK.load_state(a)["step"] == 4 and CK.load_state(b)["step"] == 4
 
 
 def test_grpo_custom_reward_function_learns_from_scratch(tmp_path):
@@ -314,14 +316,14 @@ def test_grpo_bad_jsonl_fails_before_training(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "1+2", "answer": "3"}) + "\n" + '{"prompt": "1+' + "\n")
     out = str(tmp_path / "out")
-    with pytest.raises(M.DataError, match=r"prompts\.jsonl:2: malformed JSON"):
+    with pytest.raises(D.DataError, match=r"prompts\.jsonl:2: malformed JSON"):
         grpo.main(quiet_grpo(data=str(data), out=out))
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
     data.write_text(json.dumps({"prompt": "1+2", "answer": "3"}) + "\n" + json.dumps({"answer": "3"}) + "\n")
-    with pytest.raises(M.DataError, match=r"prompts\.jsonl:2: missing field 'prompt'"):
+    with pytest.raises(D.DataError, match=r"prompts\.jsonl:2: missing field 'prompt'"):
         grpo.main(quiet_grpo(data=str(data), out=out))
     data.write_text(json.dumps({"prompt": "123456789", "answer": "3"}) + "\n")
-    with pytest.raises(M.DataError, match=r"prompts\.jsonl:1: prompt has 9 tokens > --max-prompt-length 5"):
+    with pytest.raises(D.DataError, match=r"prompts\.jsonl:1: prompt has 9 tokens > --max-prompt-length 5"):
         grpo.main(quiet_grpo(data=str(data), out=out, max_prompt_length=5))
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
 
@@ -346,7 +348,7 @@ def test_format_reward_with_prefilling_chat_template():
     tok = M.build_char_tokenizer()
     tok.chat_template = M.CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|><think>{% endif %}")
     msgs = [{"role": "user", "content": "1+2"}]
-    ids = M.encode_prompt(tok, msgs)
+    ids = D.encode_prompt(tok, msgs)
     assert tok.decode(ids).endswith("<think>")           # the template really pre-fills the tag
     completion = "1+2=3</think><answer>3</answer>"        # what the model writes after the prefill
     names, funcs, weights = grpo.resolve_reward_funcs(quiet_grpo())
@@ -369,4 +371,4 @@ def test_grpo_held_out_evaluation_bookkeeping(tmp_path):
     assert all(0.0 <= h["held_out_accuracy"] <= 1.0 for h in res["history"])
     ms = metrics(os.path.join(out, "metrics.jsonl"))
     assert "held_out_accuracy" in ms[0] and "held_out_accuracy" not in ms[1]   # the last step: 'after' instead
-    assert M.load_state(out)["history"] == res["history"]
+    assert CK.load_state(out)["history"] == res["history"]

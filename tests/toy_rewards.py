@@ -22,3 +22,14 @@ def counted(prompts, completions, completion_ids=None, **kw):
 def starts_with(prompts, completions, answer=None, **kw):
     """1 if the completion starts with the row's `answer` (a non-empty string), else 0."""
     return [1.0 if a and c.startswith(a) else 0.0 for c, a in zip(completions, answer)]
+
+
+def short_correct(max_new_tokens, alpha=0.5):
+    """The README's "Fork it" maker, as written there: accuracy scaled down by the completion's length."""
+    import rewards
+
+    def reward(prompts, completions, completion_ids, answer=None, **kw):
+        right = rewards.accuracy_reward(prompts, completions, answer)
+        return [None if r is None else r * (1 - alpha * len(ids) / max_new_tokens)
+                for r, ids in zip(right, completion_ids)]
+    return reward
