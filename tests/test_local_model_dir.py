@@ -3,6 +3,7 @@ built-in Qwen2) with a chat template that starts with its own BOS, saved as a lo
 sft.py and grpo.py must train it from JSONL, and rollout must still match model.generate."""
 import json
 import os
+import random
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -84,3 +85,70 @@ def test_sft_then_grpo_on_a_local_llama_dir_with_jsonl(tmp_path):
     assert [m["step"] for m in ms] == [1, 2] and "rewards/accuracy/mean" in ms[0]
     for out in (s_out, g_out):
         assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+
+
+def make_bpe_dir(path, corpus):
+    """A model directory written by transformers itself (save_pretrained, no code of this repo): a tiny
+    Qwen2 and a byte-level BPE tokenizer trained here on `corpus` (real merges: "reverse" is a few tokens,
+    not seven characters), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = TEMPLATE.replace("{{ bos_token }}", "")
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return tok
+
+
+def test_a_new_jsonl_task_on_a_transformers_dir_reports_what_it_learned(tmp_path):
+    """A task the built-in code has never seen (reverse a word), TRL-format JSONL (SFT traces, GRPO prompts
+    with `answer`, DPO pairs, a held-out file), a transformers-saved model with a byte-level BPE tokenizer:
+    sft.py, grpo.py and dpo.py each report held-out accuracy before and after (result files, history) and
+    pass@k with --eval-samples; SFT learns the task; a checkpoint scores the same inside training (GRPO's
+    "before" is SFT's "after": same weights, rows, criterion and decoding) and in evaluate.py."""
+    import dpo
+    import evaluate as E
+    # 200 spelled-out three-letter words; the 20 held out use only letters (tokens) seen in training
+    words = [f"{a} {b} {c}" for a in "abcdefgh" for b in "aeiou" for c in "mnrst"]
+    random.Random(0).shuffle(words)
+    train, held_words = words[:180], words[180:]
+    prompt = lambda w: [{"role": "user", "content": f"reverse {w}"}]
+    answer = lambda w: f"<answer>{w[::-1]}</answer>"
+    d = str(tmp_path / "bpe")
+    tok = make_bpe_dir(d, [f"reverse {w} {answer(w)}" for w in words])
+    assert len(tok("reverse").input_ids) < len("reverse")                        # merges, not characters
+    files = {"sft": [{"prompt": prompt(w), "completion": [{"role": "assistant", "content": answer(w)}]} for w in train],
+             "grpo": [{"prompt": prompt(w), "answer": w[::-1]} for w in train],
+             "dpo": [{"prompt": prompt(w), "chosen": [{"role": "assistant", "content": answer(w)}],
+                      "rejected": [{"role": "assistant", "content": answer(w[::-1])}]} for w in train],
+             "held": [{"prompt": prompt(w), "answer": w[::-1]} for w in held_words]}
+    for name, rows in files.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = lambda name: str(tmp_path / f"{name}.jsonl")
+    common = dict(eval_data=path("held"), eval_samples=2, threads=TEST_THREADS, save_every=0, max_new_tokens=16)
+    s_out, g_out, d_out = (str(tmp_path / n) for n in ("s", "g", "d"))
+    sft.main(sft.SFTConfig(model=d, data=path("sft"), out=s_out, steps=400, batch_size=16, lr=3e-3, warmup=5,
+                           **common))
+    g_res = grpo.main(grpo.GRPOConfig(model=d, init=s_out, data=path("grpo"), out=g_out, steps=2, num_prompts=4,
+                                      num_generations=4, reward_funcs="accuracy,format", **common))[2]
+    d_res = dpo.main(dpo.DPOConfig(model=d, init=s_out, data=path("dpo"), out=d_out, steps=2, batch_size=8,
+                                   **common))[2]
+    s_res = json.load(open(os.path.join(s_out, "sft_result.json")))
+    for res in (s_res, g_res, d_res):
+        assert res["n"] == 20 and {"held_out_accuracy_before", "held_out_accuracy_after"} <= set(res)
+        assert all({"held_out/pass@1", "held_out/pass@2", "held_out/mean@2"} <= set(h) for h in res["history"])
+    assert s_res["held_out_accuracy_before"] == 0.0 and s_res["held_out_accuracy_after"] >= 0.3, s_res
+    assert g_res["held_out_accuracy_before"] == s_res["held_out_accuracy_after"]
+    assert d_res["held_out_accuracy_before"] == s_res["held_out_accuracy_after"]
+    alone = E.main(E.EvalConfig(model=g_out, data=path("held"), max_new_tokens=16, threads=TEST_THREADS))
+    assert alone["accuracy"] == g_res["held_out_accuracy_after"]
