@@ -110,6 +110,16 @@ def all_sum(x):
     return t.item() if not isinstance(x, torch.Tensor) else t.to(x.device, x.dtype)
 
 
+def all_max(x):
+    """Maximum of a number over all ranks; x itself in a single process."""
+    if world() == 1:
+        return x
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.as_tensor(x, dtype=torch.float64).to(on, copy=True)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def gather_cat(t):
     """Concatenate a per-rank CPU tensor (any length along dim 0) in rank order on every rank.
     Returns (global tensor, offset of this rank's rows)."""

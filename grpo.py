@@ -106,10 +106,19 @@ class GRPOConfig:
                                    # abstain past it (rewards.call); 0 = unbounded
     advantage: str = "grpo"        # grpo | rloo
     scale_rewards: str = "group"   # group | batch | none (none = Dr. GRPO)
-    loss_type: str = "dapo"        # grpo | dapo | dr_grpo (see the README's name map)
+    loss_type: str = "dapo"        # grpo | dapo | dr_grpo | cispo | sapo (see the README's name map)
     epsilon_low: float = 0.2       # DAPO clip-higher: eps_low 0.2,
     epsilon_high: float = 0.28     # eps_high 0.28
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    sapo_temperature_pos: float = 1.0   # SAPO's gate temperature for tokens with a positive advantage
+    sapo_temperature_neg: float = 1.05  # and for the others (TRL's defaults)
+    rollout_correction: str = "none"    # sampler/trainer mismatch: none | tis (truncated IS) | mis (masked IS)
+    rollout_correction_level: str = "token"  # token | sequence (one weight per completion)
+    rollout_correction_cap: float = 2.0      # C: tis weights min(w, C); mis drops tokens/sequences with w > C
+    off_policy_mask_threshold: float = 0.0   # > 0: drop sequences with A < 0 whose mean log(pi_sampler /
+                                             # pi_theta) exceeds it (DeepSeek-V3.2's off-policy masking)
+    top_entropy_quantile: float = 1.0   # < 1: policy gradient on the top q share of tokens by entropy only
+    entropy_coef: float = 0.0           # > 0: subtract coef * the token-mean entropy from the loss
     num_iterations: int = 1        # optimizer steps per rollout batch (mu)
     beta: float = 0.0              # KL coefficient; 0 = no reference model
     kl_estimator: str = "k3"       # k1 | k2 | k3
@@ -161,7 +170,17 @@ def check_config(cfg):
         (cfg.reward_timeout >= 0, f"--reward-timeout must be >= 0 (0 = unbounded), got {cfg.reward_timeout}"),
         one_of("advantage", cfg.advantage, ESTIMATORS),
         one_of("scale-rewards", cfg.scale_rewards, ("group", "batch", "none")),
-        one_of("loss-type", cfg.loss_type, ("grpo", "dapo", "dr_grpo")),
+        one_of("loss-type", cfg.loss_type, LOSS_TYPES),
+        (cfg.sapo_temperature_pos > 0 and cfg.sapo_temperature_neg > 0, "--sapo-temperature-pos/-neg must be > 0"),
+        one_of("rollout-correction", cfg.rollout_correction, ("none", "tis", "mis")),
+        one_of("rollout-correction-level", cfg.rollout_correction_level, ("token", "sequence")),
+        (cfg.rollout_correction_cap >= 1, f"--rollout-correction-cap must be >= 1, got {cfg.rollout_correction_cap}"),
+        (cfg.off_policy_mask_threshold >= 0, f"--off-policy-mask-threshold must be >= 0 (0 = off), "
+                                             f"got {cfg.off_policy_mask_threshold}"),
+        (0 < cfg.top_entropy_quantile <= 1, f"--top-entropy-quantile must be in (0, 1], got {cfg.top_entropy_quantile}"),
+        (cfg.entropy_coef >= 0, f"--entropy-coef must be >= 0, got {cfg.entropy_coef}"),
+        (cfg.loss_type not in ("cispo", "sapo") or cfg.importance_sampling_level == "token",
+         f"--loss-type {cfg.loss_type} is token-level: use it with --importance-sampling-level token"),
         (0 <= cfg.epsilon_low < 1, f"--epsilon-low must be in [0, 1), got {cfg.epsilon_low}"),
         (cfg.epsilon_high >= 0, f"--epsilon-high must be >= 0, got {cfg.epsilon_high}"),
         one_of("importance-sampling-level", cfg.importance_sampling_level, ("token", "sequence")),
@@ -295,6 +314,7 @@ class Batch:
     advantages: torch.Tensor = None  # (B,)                      phase 2
     old_logp: torch.Tensor = None   # (B, C) pi_old, fixed       phase 3 (num_iterations > 1)
     ref_logp: torch.Tensor = None   # (B, C) pi_ref, fixed       phase 3 (beta > 0)
+    entropy_mask: torch.Tensor = None  # (B, C) 1 on high-entropy tokens  phase 3 (--top-entropy-quantile < 1)
 
 
 def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics):
@@ -446,10 +466,23 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
     raise ValueError(f"kl_estimator must be k1, k2 or k3, got {estimator!r}")
 
 
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo", "sapo")
+
+
 def per_token_loss(logp, old_logp, advantages, mask, eps_low, eps_high, level="token",
-                   ref_logp=None, beta=0.0, kl_estimator="k3"):
-    """Clipped surrogate (+ beta * KL) per token. logp, old_logp, ref_logp, mask (B, C); advantages (B,).
-    Returns the loss per token (B, C) and the per-token tensors the metrics need."""
+                   ref_logp=None, beta=0.0, kl_estimator="k3", loss_type="dapo", weights=None,
+                   sapo_temperatures=(1.0, 1.05)):
+    """The policy loss per token (+ beta * KL). logp, old_logp, ref_logp, mask (B, C); advantages (B,).
+    Returns the loss per token (B, C) and the per-token tensors the metrics need. By loss_type:
+      grpo, dapo, dr_grpo  the clipped surrogate -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+                           (PPO; they differ in aggregate)
+      cispo  -sg(min(rho, 1 + eps_high)) A log pi (MiniMax-M1, 2506.13585): the IS weight is clipped and
+             detached, so a clipped token still gets the REINFORCE gradient A grad log pi, scaled
+      sapo   -(4 / tau) sigmoid(tau (rho - 1)) A, tau = sapo_temperatures[0] where A > 0 else [1]
+             (SAPO, 2511.20347): a soft gate that fades the gradient smoothly instead of cutting it;
+             at rho = 1 its gradient equals the surrogate's
+    weights (B, C) or (B, 1), detached: multiply the policy loss per token (rollout correction, off-policy
+    and entropy masks); None = 1. The KL term is added after, unweighted (TRL)."""
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)                       # verl's clamp: no exp overflow
     if level == "sequence":  # GSPO: s_i = exp(mean_t log rho_it), one ratio for the whole sequence
         log_ratio = ((log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(logp)
@@ -457,41 +490,104 @@ def per_token_loss(logp, old_logp, advantages, mask, eps_low, eps_high, level="t
         raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
     ratio = torch.exp(log_ratio)                                           # (B, C)
     A = advantages[:, None]                                                # (B, 1)
-    objective = torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
-    loss = -objective
+    clip_low = ((ratio < 1 - eps_low) & (A < 0)).float()                   # where clipping bites below
+    clip_high = ((ratio > 1 + eps_high) & (A > 0)).float()                 # and above
+    if loss_type == "cispo":
+        loss = -torch.clamp(ratio, max=1 + eps_high).detach() * A * logp
+        clip_low = torch.zeros_like(clip_low)                              # no lower bound (MiniMax-M1)
+    elif loss_type == "sapo":
+        tau = torch.where(A > 0, sapo_temperatures[0], sapo_temperatures[1])
+        loss = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * A
+    elif loss_type in ("grpo", "dapo", "dr_grpo"):
+        objective = torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+        loss = -objective
+    else:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    if weights is not None:
+        loss = loss * weights
     kl = None
     if beta != 0.0:
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         loss = loss + beta * kl
-    return loss, {"ratio": ratio, "kl": kl,
-                  "clip_low": ((ratio < 1 - eps_low) & (A < 0)).float(),   # clipping bites below
-                  "clip_high": ((ratio > 1 + eps_high) & (A > 0)).float()}  # and above
+    return loss, {"ratio": ratio, "kl": kl, "clip_low": clip_low, "clip_high": clip_high}
+
+
+def rollout_correction_weights(trainer_logp, sampler_logp, mask, mode, level="token", cap=2.0):
+    """Importance weights w = pi_trainer / pi_sampler of the sampled tokens, both at the rollout's weights
+    (they differ by kernels, precision, caches: "Your efficient RL framework secretly brings you
+    off-policy RL training", Yao et al. 2025), detached. trainer_logp, sampler_logp, mask (B, C) ->
+    (B, C) at token level, (B, 1) at sequence level (w = exp(sum_t log w_t), the ratio of the
+    sequence probabilities, as TRL and verl). tis: min(w, cap) (truncated IS); mis: w, and 0 where
+    w > cap (masked IS: such tokens / sequences are dropped). With equal log-probs w = 1 exactly."""
+    d = ((trainer_logp - sampler_logp) * mask).detach()                     # (B, C), 0 off the mask
+    log_w = d.sum(1, keepdim=True) if level == "sequence" else d
+    w = torch.exp(log_w.clamp(max=20.0))
+    if mode == "tis":
+        return torch.clamp(w, max=cap)
+    if mode == "mis":
+        return torch.where(w > cap, torch.zeros_like(w), w)
+    raise ValueError(f"rollout correction must be tis or mis, got {mode!r}")
+
+
+def off_policy_sequence_mask(logp, sampler_logp, advantages, mask, threshold):
+    """DeepSeek-V3.2 (2512.02556, eq. 9), TRL's off_policy_mask_threshold: keep a sequence when A >= 0 or
+    its mean log(pi_sampler / pi_theta) <= threshold; drop it (0) otherwise: negative samples the
+    current policy has drifted far from teach little and destabilise. (B, C), (B,) -> (B, 1) float."""
+    kl = ((sampler_logp - logp.detach()) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+    return ((advantages[:, None] >= 0) | (kl <= threshold)).to(mask.dtype)
+
+
+def high_entropy_mask(entropy, mask, quantile):
+    """"Beyond the 80/20 rule" (Wang et al. 2025, 2506.01939), TRL's top_entropy_quantile: 1 on the tokens
+    whose entropy is in the top `quantile` share of the batch's tokens (entropy >= the (1 - quantile)
+    quantile over every rank's masked tokens), 0 elsewhere. entropy, mask (B, C) -> (B, C) float."""
+    valid, _ = dist.gather_cat(entropy[mask.bool()].float())
+    if valid.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(valid, 1 - quantile)
+    return ((entropy >= threshold) & mask.bool()).to(mask.dtype)
+
+
+MISMATCH_THRESHOLD = 0.1   # |log pi_trainer - log pi_sampler| above this counts a token as mismatched
+
+
+def mismatch_stats(trainer_logp, sampler_logp, mask):
+    """Per token: the k3 estimate of KL(pi_sampler || pi_trainer) from the sampler's samples,
+    exp(x) - 1 - x with x = log pi_trainer - log pi_sampler (>= 0; Schulman 2020), and |x|. (B, C) each."""
+    x = ((trainer_logp - sampler_logp) * mask).detach()
+    return torch.expm1(x) - x, x.abs()
 
 
 def aggregate(loss_tok, mask, loss_type, num_seqs, num_tokens, max_len):
     """Reduce per-token losses (B, C) of one micro-batch to its share of the batch loss. The
     normalisers (num_seqs, num_tokens: of the whole batch) make the micro-batch shares add up to
-    exactly the full-batch loss."""
-    if loss_type == "grpo":     # (1/B) sum_i (1/L_i) sum_t m*l
+    exactly the full-batch loss. cispo aggregates as dapo, sapo as grpo (TRL)."""
+    if loss_type in ("grpo", "sapo"):     # (1/B) sum_i (1/L_i) sum_t m*l
         return ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_seqs
-    if loss_type == "dapo":     # sum_it m*l / sum_i L_i
+    if loss_type in ("dapo", "cispo"):    # sum_it m*l / sum_i L_i
         return (loss_tok * mask).sum() / max(num_tokens, 1)
-    if loss_type == "dr_grpo":  # sum_it m*l / (B * L_max)
+    if loss_type == "dr_grpo":            # sum_it m*l / (B * L_max)
         return (loss_tok * mask).sum() / (num_seqs * max_len)
-    raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
 
 def micro_batch_loss(cfg, model, batch, s, num_seqs, num_tokens):
-    """Rows s of the batch: their share of the batch loss, the per-token statistics (per_token_loss's)
-    and the entropy (b, C). On CUDA with --kernels auto and the token-level ratio, the fused loss head
-    computes the gradient for the hidden states and the lm_head during the forward (kernels/loss_head.py);
-    otherwise token log-probs -> per_token_loss -> aggregate. old_logp None = on-policy (rho == 1)."""
+    """Rows s of the batch: their share of the batch loss, the per-token statistics (per_token_loss's,
+    plus the sampler/trainer mismatch) and the entropy (b, C). On CUDA with --kernels auto, the
+    token-level ratio and none of the switches that need whole sequences or the entropy first, the fused
+    loss head computes the gradient for the hidden states and the lm_head during the forward
+    (kernels/loss_head.py); otherwise token log-probs -> weights -> per_token_loss -> aggregate.
+    old_logp None = on-policy (rho == 1)."""
     roll = batch.roll
     input_ids, attention_mask, mask, adv = roll.input_ids[s], roll.attention_mask[s], roll.loss_mask[s], batch.advantages[s]
-    old_logp, ref_logp = (None if t is None else t[s] for t in (batch.old_logp, batch.ref_logp))
+    old_logp, ref_logp, sampler = (None if t is None else t[s] for t in (batch.old_logp, batch.ref_logp, roll.logprobs))
     C = mask.shape[1]
     reduce = lambda lt: aggregate(lt, mask, cfg.loss_type, num_seqs, num_tokens, cfg.max_new_tokens)
-    if kernels.active(input_ids) and cfg.importance_sampling_level == "token":
+    loss_args = dict(level=cfg.importance_sampling_level, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+                     loss_type=cfg.loss_type, sapo_temperatures=(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg))
+    plain = (cfg.rollout_correction == "none" and not cfg.off_policy_mask_threshold and cfg.entropy_coef == 0
+             and batch.entropy_mask is None)
+    if kernels.active(input_ids) and cfg.importance_sampling_level == "token" and plain:
         from kernels.loss_head import fused_loss_head
         A = adv[:, None].expand_as(mask).reshape(-1)                          # (b*C,) flattened rows
         old_f, ref_f = (None if t is None else t.reshape(-1) for t in (old_logp, ref_logp))
@@ -499,19 +595,44 @@ def micro_batch_loss(cfg, model, batch, s, num_seqs, num_tokens):
         def per_token(lp, rows):  # the token-level loss of rows `rows`, elementwise in lp (n,)
             old = lp.detach() if old_f is None else old_f[rows]
             return per_token_loss(lp[:, None], old[:, None], A[rows], None, cfg.epsilon_low, cfg.epsilon_high,
-                                  "token", None if ref_f is None else ref_f[rows, None], cfg.beta,
-                                  cfg.kl_estimator)[0][:, 0]
+                                  ref_logp=None if ref_f is None else ref_f[rows, None],
+                                  **{**loss_args, "level": "token"})[0][:, 0]
         hidden, head, targets = completion_hidden(model, input_ids, attention_mask, C)
         loss, logp, ent = fused_loss_head(hidden, head.weight, targets, per_token, reduce, cfg.temperature,
                                           bias=head.bias, scale=head.scale, softcap=head.softcap)
         _, st = per_token_loss(logp, logp if old_logp is None else old_logp, adv, mask, cfg.epsilon_low,
-                               cfg.epsilon_high, "token", ref_logp, cfg.beta, cfg.kl_estimator)  # statistics
-        return loss, st, ent
-    logp, ent = token_logprobs(model, input_ids, attention_mask, C, cfg.temperature, entropy=True)
-    old = old_logp if old_logp is not None else logp.detach()   # on-policy: rho == 1
-    lt, st = per_token_loss(logp, old, adv, mask, cfg.epsilon_low, cfg.epsilon_high, cfg.importance_sampling_level,
-                            ref_logp, cfg.beta, cfg.kl_estimator)
-    return reduce(lt), st, ent
+                               cfg.epsilon_high, ref_logp=ref_logp, **loss_args)  # statistics
+    else:
+        logp, ent = token_logprobs(model, input_ids, attention_mask, C, cfg.temperature, entropy=True)
+        old = old_logp if old_logp is not None else logp.detach()   # on-policy: rho == 1
+        weights = token_weights(cfg, old, logp, sampler, adv, mask, None if batch.entropy_mask is None
+                                else batch.entropy_mask[s])
+        lt, st = per_token_loss(logp, old, adv, mask, cfg.epsilon_low, cfg.epsilon_high, ref_logp=ref_logp,
+                                weights=weights, **loss_args)
+        loss = reduce(lt)
+        if cfg.entropy_coef:  # an entropy bonus: the token mean over the global batch, for every loss type
+            loss = loss - cfg.entropy_coef * (ent * mask).sum() / max(num_tokens, 1)
+        st["weight"] = weights
+    # the sampler against the trainer, both at the rollout's weights (pi_old, or this pass when on-policy)
+    st["mismatch_k3"], st["mismatch_abs"] = mismatch_stats(logp.detach() if old_logp is None else old_logp,
+                                                           sampler, mask)
+    return loss, st, ent
+
+
+def token_weights(cfg, trainer_logp, logp, sampler_logp, adv, mask, entropy_mask=None):
+    """The detached per-token multipliers of the policy loss (B, C) or (B, 1), or None when all are 1:
+    the rollout correction (from the trainer's log-probs at the rollout's weights against the sampler's),
+    the off-policy sequence mask (against the current policy) and the high-entropy token mask."""
+    w = None
+    if cfg.rollout_correction != "none":
+        w = rollout_correction_weights(trainer_logp, sampler_logp, mask, cfg.rollout_correction,
+                                       cfg.rollout_correction_level, cfg.rollout_correction_cap)
+    if cfg.off_policy_mask_threshold:
+        keep = off_policy_sequence_mask(logp, sampler_logp, adv, mask, cfg.off_policy_mask_threshold)
+        w = keep if w is None else w * keep
+    if entropy_mask is not None:
+        w = entropy_mask if w is None else w * entropy_mask
+    return w
 
 
 # -----------------------------------------------------------------------------
@@ -519,16 +640,22 @@ def micro_batch_loss(cfg, model, batch, s, num_seqs, num_tokens):
 
 @torch.no_grad()
 def fixed_logprobs(cfg, model, ref, batch):
-    """pi_old (only with num_iterations > 1: on-policy it is the update's own log-prob, detached) and
-    pi_ref (only with beta > 0), (B, C) each or None, computed micro-batch by micro-batch."""
+    """pi_old (only with num_iterations > 1: on-policy it is the update's own log-prob, detached), pi_ref
+    (only with beta > 0), (B, C) each or None, and the high-entropy token mask (B, C) or None
+    (--top-entropy-quantile < 1), computed micro-batch by micro-batch."""
     roll, C = batch.roll, batch.roll.loss_mask.shape[1]
     logp = lambda m: torch.cat([token_logprobs(m, roll.input_ids[s], roll.attention_mask[s], C, cfg.temperature)
                                 for s in micro_batches(cfg, len(batch.prompts))])
     old = logp(model) if cfg.num_iterations > 1 else None
     ref_logp = logp(ref) if ref is not None else None
+    entropy_mask = None
+    if cfg.top_entropy_quantile < 1:  # the tokens to learn from, chosen once for the step at the rollout's weights
+        ent = torch.cat([token_logprobs(model, roll.input_ids[s], roll.attention_mask[s], C, cfg.temperature,
+                                        entropy=True)[1] for s in micro_batches(cfg, len(batch.prompts))])
+        entropy_mask = high_entropy_mask(ent, roll.loss_mask, cfg.top_entropy_quantile)
     if roll.input_ids.is_cuda:
         torch.cuda.synchronize()  # CUDA runs asynchronously: wait, or the time lands in time/train
-    return old, ref_logp
+    return old, ref_logp, entropy_mask
 
 
 def micro_batches(cfg, B):
@@ -543,13 +670,15 @@ def micro_batches(cfg, B):
 def update(cfg, model, opt, sched, batch):
     """num_iterations optimizer steps on the same batch. The loss normalisers are those of the global
     batch (num_seqs, num_tokens: summed over ranks, dist.py). Returns the token means of the logged
-    per-token statistics (over the loss mask, averaged over the iterations), the last grad norm and
-    the number of skipped (non-finite) updates."""
+    per-token statistics (over the loss mask, averaged over the iterations; the sampler/trainer
+    mismatch from the first iteration, at the rollout's weights), the last grad norm and the number of
+    skipped (non-finite) updates."""
     mask = batch.roll.loss_mask
     num_seqs, num_tokens = int(dist.all_sum(mask.shape[0])), int(dist.all_sum(int(mask.sum())))
-    sums = dict.fromkeys(("ratio", "kl", "clip_low", "clip_high", "entropy", "loss"), 0.0)
-    skipped = 0
-    for _ in range(cfg.num_iterations):
+    sums = dict.fromkeys(("ratio", "kl", "clip_low", "clip_high", "entropy", "loss", "weight", "weight_zero",
+                          "mismatch_k3", "mismatch_abs", "mismatch_over"), 0.0)
+    mismatch_max, skipped = 0.0, 0
+    for it in range(cfg.num_iterations):
         opt.zero_grad(set_to_none=True)
         for s in micro_batches(cfg, mask.shape[0]):
             loss, stats, ent = micro_batch_loss(cfg, model, batch, s, num_seqs, num_tokens)
@@ -561,9 +690,21 @@ def update(cfg, model, opt, sched, batch):
             for k in ("ratio", "clip_low", "clip_high", "kl"):
                 if stats[k] is not None:
                     sums[k] += float((stats[k].detach() * m).sum()) * w
+            if stats.get("weight") is not None:   # the policy loss's per-token weights (--rollout-correction, masks)
+                wt = stats["weight"].expand_as(m)
+                sums["weight"] += float((wt * m).sum()) * w
+                sums["weight_zero"] += float(((wt == 0) * m).sum()) * w
+            if it == 0:
+                sums["mismatch_k3"] += float((stats["mismatch_k3"] * m).sum()) / max(num_tokens, 1)
+                sums["mismatch_abs"] += float((stats["mismatch_abs"] * m).sum()) / max(num_tokens, 1)
+                sums["mismatch_over"] += float(((stats["mismatch_abs"] > MISMATCH_THRESHOLD) * m).sum()) / max(num_tokens, 1)
+                if m.numel():
+                    mismatch_max = max(mismatch_max, float((stats["mismatch_abs"] * m).max()))
         grad_norm, skip = run.optimizer_step(model, opt, sched, cfg.grad_clip)
         skipped += skip
-    return {k: dist.all_sum(v) for k, v in sums.items()}, grad_norm, skipped, num_tokens
+    sums = {k: dist.all_sum(v) for k, v in sums.items()}
+    sums["mismatch_max"] = dist.all_max(mismatch_max)
+    return sums, grad_norm, skipped, num_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -591,6 +732,12 @@ def step_metrics(cfg, step, batch, info, sums, grad_norm, skipped, num_tokens, n
               for i, d in enumerate(info["fn_metrics"]) for k, v in sorted(d.items())})
     if cfg.beta != 0.0:
         m["kl"] = sums["kl"]
+    # the sampler (rollout.py) against the trainer on the same tokens and weights: kernels, precision, caches
+    m.update({"mismatch/k3_kl": sums["mismatch_k3"], "mismatch/logp_diff_abs_mean": sums["mismatch_abs"],
+              "mismatch/logp_diff_abs_max": sums["mismatch_max"],
+              f"mismatch/frac_tokens_diff_gt_{MISMATCH_THRESHOLD:g}": sums["mismatch_over"]})
+    if cfg.rollout_correction != "none" or cfg.off_policy_mask_threshold or cfg.top_entropy_quantile < 1:
+        m.update({"policy_weight/mean": sums["weight"], "policy_weight/frac_zero": sums["weight_zero"]})
     m.update({k: v for k, v in info.items() if k.startswith("dynamic_sampling/")})
     return m
 
@@ -646,7 +793,7 @@ def main(cfg):
         batch, info = rollout(cfg, model, tok, prompts_src, funcs, weights)           # 1. sample + score
         t1 = time.time()
         batch.advantages = advantages(cfg, batch.rewards)                             # 2. advantages
-        batch.old_logp, batch.ref_logp = fixed_logprobs(cfg, model, ref, batch)       # 3. pi_old, pi_ref
+        batch.old_logp, batch.ref_logp, batch.entropy_mask = fixed_logprobs(cfg, model, ref, batch)  # 3.
         t2 = time.time()
         sums, grad_norm, skipped, num_tokens = update(cfg, model, opt, sched, batch)  # 4. optimizer steps
         step += 1
