@@ -19,6 +19,9 @@ dataset column arrive as keyword arguments.
     countdown_reward           1 if the <answer> expression uses exactly `numbers` and evaluates to `target`
     format_reward              1 if the completion is <think>...</think><answer>...</answer> (DeepSeek-R1)
     soft_overlong_punishment   DAPO's length penalty near the completion limit
+    group_length_penalty       Kimi k1.5's length reward: correct answers paid for being short within their group
+    cosine_length_reward       Yeo et al.'s cosine length-scaled reward, by correctness, with an over-limit penalty
+    budget_tag_reward          AdaCtrl: an opening [Easy]/[Hard] tag that matches the group's accuracy
     code_reward                fraction of the `tests` column the completion's ```python block passes,
                                run in sandbox.py (separate process, limits, no network, no secrets);
                                calls and stdin/stdout tests are decided by the trainer, asserts are not
@@ -272,6 +275,153 @@ def soft_overlong_punishment(max_new_tokens, overlong_cache):
 
 
 # -----------------------------------------------------------------------------
+# Length-aware rewards (adaptive thinking): pay for short reasoning where it is right, and for a budget
+# tag that matches how hard the problem is for the policy now. Length = number of completion tokens
+# (len of each `completion_ids` list, EOS included); correctness = accuracy_reward on the `answer` column,
+# so a row without an answer abstains (None) in all three.
+
+def _groups(prompts, group, n):
+    """The samples of each prompt, as lists of indices. `group` (one id per completion, equal for the
+    samples of one prompt; grpo.py passes it) decides when given; without it, runs of consecutive equal
+    prompts are the groups, so two neighbouring rows with the same prompt would count as one group."""
+    if group is not None:
+        if len(group) != n:
+            raise ValueError(f"group has {len(group)} ids for {n} completions")
+        by_id = {}
+        for i, g in enumerate(group):
+            by_id.setdefault(g, []).append(i)
+        return list(by_id.values())
+    out = []
+    for i, p in enumerate(prompts):
+        if out and prompts[out[-1][-1]] == p:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _lengths(completion_ids, name):
+    if completion_ids is None:
+        raise ValueError(f"{name} needs completion_ids (the token ids of each completion) to measure lengths")
+    return [len(ids) for ids in completion_ids]
+
+
+def group_length_penalty():
+    """Kimi k1.5's length reward (Kimi Team 2025, arXiv 2501.12599, sec. 2.3.3 "Length Penalty"), relative
+    to the lengths of the k samples of one prompt:
+
+        lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len)      (lambda_i = 0 if max_len = min_len)
+        reward_i = lambda_i            if sample i is correct
+                   min(0, lambda_i)    if it is wrong
+
+    So a correct sample gets +0.5 if it is the group's shortest and -0.5 if the longest; a wrong sample is
+    never paid for being short, only penalised for being long. Kimi adds it to the accuracy reward with a
+    weight (here: --reward-weights) after a first phase of RL without it (their warm-up; nothing here
+    schedules it). min_len / max_len are over all the group's samples, answered or not; a sample without
+    an answer abstains. A group of one (grpo's sample-by-sample fault fallback) has max_len = min_len: it
+    gets 0.0. Groups: `group` if given, else runs of equal prompts (_groups).
+    A maker without numbers (the 0.5 is the formula's), registered as "length_penalty"."""
+
+    def length_penalty(prompts, completions, completion_ids=None, answer=None, group=None, **kw):
+        correct = accuracy_reward(prompts, completions, answer=answer)
+        lengths = _lengths(completion_ids, "length_penalty")
+        out = [None] * len(completions)
+        for idx in _groups(prompts, group, len(completions)):
+            lo, hi = min(lengths[i] for i in idx), max(lengths[i] for i in idx)
+            for i in idx:
+                if correct[i] is None:
+                    continue
+                lam = 0.0 if hi == lo else 0.5 - (lengths[i] - lo) / (hi - lo)
+                out[i] = lam if correct[i] == 1.0 else min(0.0, lam)
+        return out
+    return length_penalty
+
+
+def cosine_length_reward(max_new_tokens, r0_correct=2.0, rL_correct=1.0, r0_wrong=-10.0, rL_wrong=0.0,
+                         r_exceed=-10.0):
+    """The cosine length-scaled reward of Yeo et al. 2025 ("Demystifying Long Chain-of-Thought Reasoning in
+    LLMs", arXiv 2502.03373, sec. 4), L_max = max_new_tokens, L = completion tokens:
+
+        CosFn(L) = r_L + (r_0 - r_L) * (1 + cos(pi * L / L_max)) / 2     (r_0 at L = 0, r_L at L = L_max)
+        reward   = CosFn with (r0_correct, rL_correct)   if correct
+                   CosFn with (r0_wrong, rL_wrong)       if wrong
+                   r_exceed                              if L >= L_max (the completion hit the limit)
+
+    Defaults are the paper's section-4.2 run, as the authors' script passes them (github.com/eddycmu/
+    demystify-long-cot, scripts/.../section_4.2__active_scaling_of_cot_length__cosine.sh: correct 2 -> 1,
+    wrong -10 -> 0, exceed -10): a short correct answer pays most, and a wrong one is penalised less the
+    longer it thought, so the policy is not pushed to give up early on hard problems. Differences from
+    the authors' code (openrlhf/reward/cosine.py): no repetition penalty (the paper's sec. 4.3 add-on),
+    and no 16-token margin before the limit (their MAX_LEN_MARGIN: 16 of 64 tokens would be a quarter of
+    the budget here). A completion whose EOS is token number L_max has length L_max too and counts as
+    exceeding: from the ids alone it cannot be told from a truncated one. A maker (REWARD_MAKERS
+    "cosine_length"); max_new_tokens comes from grpo.py's flag unless the spec gives it."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    L_max = max_new_tokens
+
+    def cosine_length(prompts, completions, completion_ids=None, answer=None, **kw):
+        correct = accuracy_reward(prompts, completions, answer=answer)
+        out = []
+        for c, n in zip(correct, _lengths(completion_ids, "cosine_length")):
+            if c is None:
+                out.append(None)
+            elif n >= L_max:
+                out.append(r_exceed)
+            else:
+                r0, rL = (r0_correct, rL_correct) if c == 1.0 else (r0_wrong, rL_wrong)
+                out.append(rL + (r0 - rL) * (1.0 + math.cos(math.pi * n / L_max)) / 2.0)
+        return out
+    return cosine_length
+
+
+BUDGET_TAG_RE = re.compile(r"\s*\[(easy|hard)\]", re.IGNORECASE)
+
+
+def budget_tag_reward(easy_threshold=0.625, r_consistent=1.0, r_inconsistent=0.0, r_missing=-1.0):
+    """AdaCtrl's difficulty-calibration reward (Huang et al. 2025, "AdaCtrl: Towards Adaptive and
+    Controllable Reasoning via Difficulty-Aware Budgeting", arXiv 2505.18822): the completion opens with a
+    budget tag, [Easy] or [Hard], and the tag should match how hard the problem is for the policy now,
+    measured on the G samples of its prompt:
+
+        acc_g   = share of the group's samples that are correct (accuracy_reward)
+        label_g = Easy if acc_g > easy_threshold else Hard
+        reward  = r_consistent (1)     if the tag equals label_g
+                  r_inconsistent (0)   if it is the other tag
+                  r_missing (-1)       if the completion does not start with a tag (format violation)
+
+    Rule and values as in the authors' code (github.com/JoeYing1019/AdaCtrl: verl/trainer/ppo/
+    ray_trainer.py labels with `acc > diff_threshold`, qwen-7b.sh sets diff_threshold=0.625 with 16
+    samples, reward_manager/naive.py compute_diff_format gives 1 / 0 / -1 and the run weights it 0.5).
+    Strictly above the threshold: with G=8, 5 correct (0.625) is Hard, 6 is Easy. Differences: the tag
+    may follow leading whitespace (AdaCtrl reads the first 6 characters); case is ignored, as there.
+    AdaCtrl's other length term (compute_diff_len: a correct [Easy] sample gets (1 + cos(pi L / L_group_max))
+    / 2) is not part of this function. The group accuracy counts the samples that have an answer; one
+    without an answer abstains. A group of one (grpo's fault fallback) is measured by its own correctness:
+    correct -> Easy is consistent, wrong -> Hard is. Groups: `group` if given, else runs of equal prompts.
+    A tag before <think> makes format_reward score 0: use this instead of "format" for tagged completions.
+    A maker (REWARD_MAKERS "budget_tag")."""
+    if not 0.0 <= easy_threshold <= 1.0:
+        raise ValueError(f"easy_threshold is a share of correct samples, in [0, 1], got {easy_threshold}")
+
+    def budget_tag(prompts, completions, completion_ids=None, answer=None, group=None, **kw):
+        correct = accuracy_reward(prompts, completions, answer=answer)
+        out = [None] * len(completions)
+        for idx in _groups(prompts, group, len(completions)):
+            scored = [correct[i] for i in idx if correct[i] is not None]
+            if not scored:
+                continue
+            label = "easy" if sum(scored) / len(scored) > easy_threshold else "hard"
+            for i in idx:
+                if correct[i] is None:
+                    continue
+                m = BUDGET_TAG_RE.match(completions[i])
+                out[i] = r_missing if m is None else r_consistent if m.group(1).lower() == label else r_inconsistent
+        return out
+    return budget_tag
+
+
+# -----------------------------------------------------------------------------
 # Code execution (ReTool, CodeV-R1): run the completion's program against the row's tests, sandboxed
 
 CODE_RE = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
@@ -449,7 +599,8 @@ REWARD_FUNCS = {"accuracy": accuracy_reward, "countdown": countdown_reward, "for
 # Reward functions that need numbers (a length budget, a cap) are made by a maker: maker(**params) ->
 # reward function. Each parameter named like a flag of the script (grpo.py's max_new_tokens) takes that
 # flag's value unless the spec gives it; the others take the spec's value or the maker's default.
-REWARD_MAKERS = {"soft_overlong": soft_overlong_punishment}
+REWARD_MAKERS = {"soft_overlong": soft_overlong_punishment, "length_penalty": group_length_penalty,
+                 "cosine_length": cosine_length_reward, "budget_tag": budget_tag_reward}
 
 
 # -----------------------------------------------------------------------------
