@@ -327,8 +327,8 @@ def resume_optimizer(model, opt, sched, opt_state, sched_state):
 def param_groups(model):
     """What AdamW takes: the parameters; for a sharded model two groups, the shards and the replicated
     rest, because AdamW's multi-tensor (foreach) path refuses a mix of DTensors and plain tensors."""
+    params = [p for p in model.parameters() if p.requires_grad]   # (--lora-rank: the adapters only)
     if not is_sharded(model):
-        return model.parameters()
-    params = [p for p in model.parameters() if p.requires_grad]
+        return params
     groups = [[p for p in params if _is_dtensor(p)], [p for p in params if not _is_dtensor(p)]]
     return [{"params": g} for g in groups if g]

@@ -114,6 +114,8 @@ class DPOConfig:
     seed: int = 0
     threads: int = 2
     kernels: str = "auto"          # auto = the Triton log-prob kernel on CUDA (kernels/), PyTorch elsewhere | off
+    lora_rank: int = 0             # r > 0: train LoRA adapters of rank r on the decoder's linear layers only (Hu et al. 2021)
+    lora_alpha: float = 32.0       # LoRA scale alpha / r; LoRA wants a ~10x larger --lr than full fine-tuning
     fsdp: bool = False             # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
 
 
@@ -121,7 +123,7 @@ class DPOConfig:
 # with on-policy rounds (it sets where each round, with its pairs and reference, begins); any other
 # flag may change and is applied from the saved step on.
 RESUME_FIXED = ("model", "init", "data", "task", "loss", "batch_size", "max_length", "truncation", "rounds",
-                "num_prompts", "num_generations", "pairs_per_prompt", "eval_n", "eval_data", "seed", "fsdp")
+                "num_prompts", "num_generations", "pairs_per_prompt", "eval_n", "eval_data", "seed", "fsdp", "lora_rank", "lora_alpha")
 
 
 def check_config(cfg):
@@ -474,7 +476,7 @@ def main(cfg):
     if state:
         if cfg.data:  # a file of another size cannot continue the saved position
             ShuffledCycle(len(file_pairs), cfg.seed).load(state["data"]["pairs"])
-        run.restore_weights(model, cfg, device)
+    run.prepare_weights(model, cfg, device, state)   # --lora-rank adapters; --resume: the saved weights
     run.write_config(cfg)
     model = run.shard(model, cfg, device)
     opt, sched = run.optimizer(cfg, model, run.cosine_lr(cfg.warmup, cfg.steps), state, betas=(0.9, 0.99))

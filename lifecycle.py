@@ -4,7 +4,7 @@ calls around its own loop (no Trainer, no callbacks: every loop stays in its scr
     device = start(cfg, check_config)              # flags checked, threads, kernels, processes, seeds
     model, tok = load_model(path, device, cfg)     # (staged on the CPU for --fsdp)
     state = open_out(cfg, RESUME_FIXED)            # lock OUT; on --resume the checked training state
-    restore_weights(model, cfg, device)            # on --resume, after the script restored its data position
+    prepare_weights(model, cfg, device, state)     # --lora-rank adapters; on --resume the saved weights
     write_config(cfg); model = shard(model, cfg, device)
     opt, sched = optimizer(cfg, model, schedule, state, betas)   # + the saved moments, schedule and RNG
     logs = Logs(cfg, step)                         # metrics.jsonl / samples.jsonl, trimmed on --resume
@@ -32,7 +32,7 @@ import kernels
 import plot
 from checkpoint import load_state, rng_state, save, seed_everything, set_rng_state
 from data import DataError
-from model import load
+from model import add_lora, load, lora_layers, lora_state, merged_state_dict
 
 
 # -----------------------------------------------------------------------------
@@ -70,8 +70,19 @@ def open_out(cfg, fixed):
     return state
 
 
-def restore_weights(model, cfg, device):
-    """--resume: the weights of the last checkpoint in OUT, loaded whole (shard() shards them)."""
+def prepare_weights(model, cfg, device, state):
+    """The weights training starts from. --lora-rank r: LoRA adapters on the decoder's linear layers,
+    everything else frozen (model.add_lora). --resume: the last checkpoint's weights, loaded whole
+    (shard() shards them); with LoRA its adapters (trainer_state), over the same frozen base (--init)."""
+    if cfg.lora_rank:
+        n = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        print(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}: {n:,} trainable parameters of "
+              f"{sum(p.numel() for p in model.parameters()):,}")
+    if state is None:
+        return
+    if cfg.lora_rank:
+        model.load_state_dict(state["lora"], strict=False)
+        return
     where, dtype = dist.staging(device, cfg.fsdp)
     model.load_state_dict(load(cfg.out, where, dtype)[0].state_dict())
 
@@ -140,6 +151,8 @@ def checkpoint(cfg, model, tok, opt, sched, step, **state):
     (its data position, history, ...). Collective: every rank calls it."""
     rngs = dist.gather_objects(rng_state())
     weights, optim = dist.model_state(model), dist.optimizer_state(model, opt)  # --fsdp: gathered, collective
+    if lora_layers(model):  # a plain checkpoint of the merged weights; the adapters to resume from beside it
+        weights, state = merged_state_dict(model), {**state, "lora": lora_state(model)}
     if dist.is_main():
         save(model, tok, cfg.out, {"optimizer": optim, "scheduler": sched.state_dict(), "step": step, "rng": rngs[0],
                                    "rng_by_rank": rngs, "config": vars(cfg), **state}, weights)
@@ -215,9 +228,17 @@ def check_flags(cfg, problems):
            or (f.type in (int, float, "int", "float") and isinstance(getattr(cfg, f.name), bool))]
     if bad:  # the ranges below compare numbers: report the types alone first
         raise ConfigError("; ".join(bad))
-    bad = [msg for ok, msg in problems(cfg) if not ok]
+    bad = [msg for ok, msg in problems(cfg) + lora_checks(cfg) if not ok]
     if bad:
         raise ConfigError("; ".join(bad))
+
+
+def lora_checks(cfg):
+    """The LoRA flags every script has."""
+    return [(cfg.lora_rank >= 0, f"--lora-rank must be >= 0 (0 = full fine-tuning), got {cfg.lora_rank}"),
+            (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
+            (not (cfg.lora_rank and cfg.fsdp), "--lora-rank with --fsdp is not supported (the adapters are small: "
+                                               "run data parallel without --fsdp)")]
 
 
 def parse_config(cls, argv=None):

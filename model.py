@@ -280,3 +280,66 @@ def context_length(model):
     return getattr(m.config.get_text_config(), "max_position_embeddings", None)
 
 
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): train a low-rank update of every linear layer of the decoder, the base frozen.
+# Most single-GPU runs of a 7B policy fit only this way: the trainable parameters and their AdamW state
+# shrink from 7B to tens of millions.
+
+class LoRALinear(torch.nn.Module):
+    """y = base(x) + (alpha / r) * B(A(x)), with base frozen, A (r, in) random and B (out, r) zero, so
+    training starts exactly at the base model. merged() is the plain weight W + (alpha / r) B A."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base.requires_grad_(False), alpha / rank
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device,
+                                                     dtype=base.weight.dtype))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device,
+                                                     dtype=base.weight.dtype))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)   # as nn.Linear (and PEFT) initialise A
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+    def merged(self):
+        return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+
+
+def add_lora(model, rank, alpha):
+    """Wrap every nn.Linear inside the decoder (attention and MLP projections; not the lm_head, not the
+    embeddings) in a LoRALinear and freeze everything else. Returns the number of trainable parameters.
+    Draws A from torch's global generator (seeded by the caller)."""
+    model.requires_grad_(False)
+    decoder = getattr(model, "module", model).base_model
+    targets = [(parent, name, child) for parent in decoder.modules() for name, child in parent.named_children()
+               if isinstance(child, torch.nn.Linear)]
+    for parent, name, child in targets:
+        setattr(parent, name, LoRALinear(child, rank, alpha))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_layers(model):
+    return {n: m for n, m in getattr(model, "module", model).named_modules() if isinstance(m, LoRALinear)}
+
+
+def merged_state_dict(model):
+    """The model's state dict as the base architecture names it, each LoRA layer merged into its weight:
+    what a Hugging Face checkpoint of the trained model holds (from_pretrained loads it, no LoRA code)."""
+    sd = {}
+    layers = lora_layers(model)
+    for k, v in getattr(model, "module", model).state_dict().items():
+        owner = next((n for n in layers if k.startswith(n + ".")), None)
+        if owner is None:
+            sd[k] = v
+        elif k == owner + ".base.weight":
+            sd[owner + ".weight"] = layers[owner].merged().detach()
+        elif k == owner + ".base.bias":
+            sd[owner + ".bias"] = v
+    return sd
+
+
+def lora_state(model):
+    """The adapters alone (lora_A, lora_B of every layer): what --resume needs beside the frozen base."""
+    return {k: v.detach().clone() for k, v in getattr(model, "module", model).state_dict().items()
+            if ".lora_A" in k or ".lora_B" in k}
+

@@ -67,13 +67,15 @@ class SFTConfig:
     resume: bool = False
     threads: int = 2             # torch CPU threads
     kernels: str = "auto"        # auto = Triton kernels on CUDA (kernels/), PyTorch elsewhere | off
+    lora_rank: int = 0             # r > 0: train LoRA adapters of rank r on the decoder's linear layers only (Hu et al. 2021)
+    lora_alpha: float = 32.0       # LoRA scale alpha / r; LoRA wants a ~10x larger --lr than full fine-tuning
     fsdp: bool = False           # torchrun: shard weights, grads, AdamW state (FSDP2, Zhao et al. 2023; dist.py)
 
 
 # What a checkpoint was made with: --resume refuses to change these (lifecycle.check_resume); any other
 # flag may change (e.g. --steps to extend a run, --lr) and is applied from the saved step on.
 RESUME_FIXED = ("model", "data", "task", "num_examples", "teacher_slip", "batch_size", "max_length", "truncation",
-                "eval_n", "eval_data", "seed", "fsdp")
+                "eval_n", "eval_data", "seed", "fsdp", "lora_rank", "lora_alpha")
 
 
 def check_config(cfg):
@@ -214,7 +216,7 @@ def main(cfg):
     state = run.open_out(cfg, RESUME_FIXED)
     if state:
         data.load(state["data"])
-        run.restore_weights(model, cfg, device)
+    run.prepare_weights(model, cfg, device, state)   # --lora-rank adapters; --resume: the saved weights
     run.write_config(cfg)
     model = run.shard(model, cfg, device)
     opt, sched = run.optimizer(cfg, model, run.cosine_lr(cfg.warmup, cfg.steps), state, betas=(0.9, 0.95),
