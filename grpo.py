@@ -90,6 +90,8 @@ class GRPOConfig:
     num_prompts: int = 32          # prompts per step
     num_generations: int = 8       # G, completions per prompt
     max_new_tokens: int = 48
+    length_schedule: str = ""      # "STEP:TOKENS,...": completion limit from each step on, widened as RL goes
+                                   # (Vision-R1's PTST), each <= --max-new-tokens; empty = --max-new-tokens
     max_prompt_length: int = 512
     truncation: str = "error"      # a --data prompt over --max-prompt-length: error | skip (counted); never cut
     temperature: float = 1.0
@@ -160,6 +162,7 @@ def check_config(cfg):
         (cfg.num_generations >= 2, f"--num-generations must be >= 2 (group advantages compare the G samples of a "
                                    f"prompt; with {cfg.num_generations} every advantage is 0), got {cfg.num_generations}"),
         (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
+        (schedule_problem(cfg) is None, schedule_problem(cfg)),
         (cfg.max_prompt_length >= 1, f"--max-prompt-length must be >= 1, got {cfg.max_prompt_length}"),
         one_of("truncation", cfg.truncation, TRUNCATION),
         (cfg.temperature > 0, f"--temperature must be > 0 (sampling; the log-probs divide by it), got {cfg.temperature}"),
@@ -319,14 +322,48 @@ class Batch:
     entropy_mask: torch.Tensor = None  # (B, C) 1 on high-entropy tokens  phase 3 (--top-entropy-quantile < 1)
 
 
-def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics):
-    """G completions for each row's prompt from the current policy, scored by every reward function."""
+def completion_limit(cfg, step):
+    """The completion limit of a step (0-based): the last --length-schedule entry at or before it, else
+    --max-new-tokens. A function of the step alone, so --resume continues the schedule where it was."""
+    limit = cfg.max_new_tokens
+    for at, tokens in parse_schedule(cfg.length_schedule):
+        if at <= step:
+            limit = tokens
+    return limit
+
+
+def parse_schedule(spec):
+    """"0:16,20:32" -> [(0, 16), (20, 32)]; ValueError on anything else."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        at, sep, tokens = item.partition(":")
+        if not sep or not at.strip().isdigit() or not tokens.strip().isdigit():
+            raise ValueError(f"--length-schedule entry {item!r} is not STEP:TOKENS")
+        out.append((int(at), int(tokens)))
+    return out
+
+
+def schedule_problem(cfg):
+    try:
+        sched = parse_schedule(cfg.length_schedule)
+    except ValueError as e:
+        return str(e)
+    if [a for a, _ in sched] != sorted({a for a, _ in sched}):
+        return "--length-schedule steps must increase"
+    if any(not 1 <= t <= cfg.max_new_tokens for _, t in sched):
+        return f"--length-schedule limits must be in [1, --max-new-tokens {cfg.max_new_tokens}]"
+    return None
+
+
+def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, limit):
+    """G completions (at most `limit` tokens) for each row's prompt from the current policy, scored by
+    every reward function."""
     G = cfg.num_generations
     prompts = [r["prompt"] for r in rows for _ in range(G)]           # each prompt G times, grouped
     ids = [encode_prompt(tok, p) for p in prompts]
     model.eval()
     with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
-        roll = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+        roll = generate(model, tok, ids, limit, cfg.temperature, cfg.top_k, cfg.top_p,
                         engine=dist.rollout_engine(model, cfg.rollout_engine))
     model.train()
     comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
@@ -343,7 +380,7 @@ def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics):
     return Batch(roll, prompts, texts, per_fn, R, keep)
 
 
-def rollout(cfg, model, tok, prompts_src, funcs, weights):
+def rollout(cfg, model, tok, prompts_src, funcs, weights, step):
     """This rank's batch of the step, and the round counts. Without --dynamic-sampling one round; with
     it, rounds until num_prompts groups (over all ranks) have a reward spread, or max_resample extra
     rounds are spent (all ranks decide together, so they stay on the same rows of the data stream)."""
@@ -351,10 +388,12 @@ def rollout(cfg, model, tok, prompts_src, funcs, weights):
     kept = lambda: dist.all_sum(sum(int(r.keep.sum()) for r in rounds))
     while True:
         rows = dist.shard(prompts_src.take(cfg.num_prompts))          # every rank draws the global batch
-        rounds.append(sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics))
+        rounds.append(sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, completion_limit(cfg, step)))
         if not cfg.dynamic_sampling or kept() >= cfg.num_prompts or len(rounds) > cfg.max_resample:
             break
     info = {"fn_metrics": fn_metrics}
+    if cfg.length_schedule:
+        info["completions/max_new_tokens"] = completion_limit(cfg, step)
     if cfg.dynamic_sampling:
         info = {**info, "dynamic_sampling/rounds": len(rounds),
                 "dynamic_sampling/kept_frac": kept() / dist.all_sum(len(rows) * len(rounds))}
@@ -740,7 +779,7 @@ def step_metrics(cfg, step, batch, info, sums, grad_norm, skipped, num_tokens, n
               f"mismatch/frac_tokens_diff_gt_{MISMATCH_THRESHOLD:g}": sums["mismatch_over"]})
     if cfg.rollout_correction != "none" or cfg.off_policy_mask_threshold or cfg.top_entropy_quantile < 1:
         m.update({"policy_weight/mean": sums["weight"], "policy_weight/frac_zero": sums["weight_zero"]})
-    m.update({k: v for k, v in info.items() if k.startswith("dynamic_sampling/")})
+    m.update({k: v for k, v in info.items() if k.startswith(("dynamic_sampling/", "completions/"))})
     return m
 
 
@@ -792,7 +831,7 @@ def main(cfg):
     bar = tqdm(total=cfg.steps, initial=step, desc="grpo", dynamic_ncols=True, disable=not dist.is_main())
     while step < cfg.steps:
         t0 = time.time()
-        batch, info = rollout(cfg, model, tok, prompts_src, funcs, weights)           # 1. sample + score
+        batch, info = rollout(cfg, model, tok, prompts_src, funcs, weights, step)     # 1. sample + score
         t1 = time.time()
         batch.advantages = advantages(cfg, batch.rewards)                             # 2. advantages
         batch.old_logp, batch.ref_logp, batch.entropy_mask = fixed_logprobs(cfg, model, ref, batch)  # 3.
