@@ -173,16 +173,21 @@ def encode_example(tok, prompt, completion):
 
 
 def collate(examples, pad_id, device):
-    """[(prompt_ids, completion_ids)] -> input_ids, attention_mask (B, P+C) laid out as
-    [left-padded prompt | right-padded completion], and completion_mask (B, C)."""
-    P = max(len(p) for p, _ in examples)
-    C = max(len(c) for _, c in examples)
+    """[(prompt_ids, completion_ids[, completion_loss_mask])] -> input_ids, attention_mask (B, P+C) laid out
+    as [left-padded prompt | right-padded completion], and the completion's loss mask (B, C): 1 on its
+    tokens, or the example's own mask (0 on spliced tool output, tools.output_mask)."""
+    P = max(len(e[0]) for e in examples)
+    C = max(len(e[1]) for e in examples)
     ids = torch.full((len(examples), P + C), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(examples):
+    for i, (p, c, *_) in enumerate(examples):
         ids[i, P - len(p):P + len(c)] = torch.tensor(p + c)
         attn[i, P - len(p):P + len(c)] = 1
-    return ids.to(device), attn.to(device), attn[:, P:].float().to(device)
+    mask = attn[:, P:].float()
+    for i, e in enumerate(examples):
+        if len(e) > 2:
+            mask[i, :len(e[2])] = torch.tensor(e[2], dtype=torch.float32)
+    return ids.to(device), attn.to(device), mask.to(device)
 
 
 class ShuffledCycle:

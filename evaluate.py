@@ -37,6 +37,7 @@ import torch
 
 import dist
 import rewards
+import tools
 from data import TooLong, check_data_text, check_text_or_messages, encode_prompt, read_jsonl
 from model import load
 from rollout import generate
@@ -55,6 +56,11 @@ class EvalConfig:
     max_prompt_length: int = 512
     batch_size: int = 250        # prompts per generate call (training's: the same batches, the same numbers)
     out: str = ""                # write eval_result.json + eval_samples.jsonl here
+    tools: str = ""              # a tool the model calls while it answers (tools.py), as in training
+    tool_format: str = "<c>,</c>,<o>,</o>"
+    max_tool_calls: int = 4
+    tool_timeout: float = 5.0
+    max_tool_output_tokens: int = 24
     device: str = "cpu"
     seed: int = 0
     threads: int = 2
@@ -118,29 +124,31 @@ def score(reward_fn, rows, completions, k=1):
 
 
 @torch.no_grad()
-def complete(model, tok, rows, k, max_new_tokens, temperature, batch_size, greedy, engine="auto"):
-    """Decoded completions, row by row, k per row (greedy: k = 1)."""
+def complete(model, tok, rows, k, max_new_tokens, temperature, batch_size, greedy, engine="auto", tools=None):
+    """Decoded completions, row by row, k per row (greedy: k = 1); with tools (tools.Tools) the model calls
+    them as in training."""
     training = model.training
     model.eval()
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows for _ in range(k)]
     out = []
     for i in range(0, len(prompts), batch_size):
-        r = generate(model, tok, prompts[i:i + batch_size], max_new_tokens, temperature, greedy=greedy, engine=engine)
+        r = generate(model, tok, prompts[i:i + batch_size], max_new_tokens, temperature, greedy=greedy, engine=engine,
+                     tools=tools)
         out += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
     model.train(training)
     return out
 
 
 def evaluate(model, tok, rows, reward_fn, max_new_tokens=48, samples=0, temperature=1.0, batch_size=250,
-             engine="auto"):
+             engine="auto", tools=None):
     """The numbers (module docstring) and the greedy completions with their scores. Greedy decoding
     draws no random numbers; the k samples draw from the global torch generator (HeldOut forks it)."""
-    greedy = complete(model, tok, rows, 1, max_new_tokens, 1.0, batch_size, greedy=True, engine=engine)
+    greedy = complete(model, tok, rows, 1, max_new_tokens, 1.0, batch_size, greedy=True, engine=engine, tools=tools)
     scores = score(reward_fn, rows, greedy)
     result = {"accuracy": sum(scores) / len(scores), "n": len(rows)}
     if samples:
         comps = complete(model, tok, rows, samples, max_new_tokens, temperature, batch_size, greedy=False,
-                         engine=engine)
+                         engine=engine, tools=tools)
         s = score(reward_fn, rows, comps, samples)                                     # (n_rows * k,)
         per_row = [s[i * samples:(i + 1) * samples] for i in range(len(rows))]
         passes = [sum(x >= 1.0 for x in r) for r in per_row]
@@ -169,7 +177,7 @@ class HeldOut:
     with the checkpoint) and keeps two scored completions in `shown` for samples.jsonl. Falsy when the
     run has no held-out set (--eval-data empty and, with --data or --eval-n 0, no built-in one)."""
 
-    def __init__(self, cfg, tok, reward_fn, max_prompt_length, max_new_tokens, temperature=1.0):
+    def __init__(self, cfg, tok, reward_fn, max_prompt_length, max_new_tokens, temperature=1.0, tools=None):
         """cfg: the script's flags (eval_data, eval_n, data, task, eval_samples)."""
         if cfg.eval_data:
             self.rows, self.name = read_rows(cfg.eval_data, tok, max_prompt_length), cfg.eval_data
@@ -178,7 +186,7 @@ class HeldOut:
         else:
             self.rows, self.name = [], ""
         self.reward_fn, self.max_new_tokens = reward_fn, max_new_tokens
-        self.samples, self.temperature = cfg.eval_samples, temperature
+        self.samples, self.temperature, self.tools = cfg.eval_samples, temperature, tools
         self.history, self.shown = [], []
 
     def __bool__(self):
@@ -192,7 +200,7 @@ class HeldOut:
         with dist.gathered(model), torch.random.fork_rng(devices=devices):
             torch.manual_seed(1234 + step)
             result, greedy = evaluate(model, tok, self.rows, self.reward_fn, self.max_new_tokens, self.samples,
-                                      self.temperature, engine=dist.rollout_engine(model))
+                                      self.temperature, engine=dist.rollout_engine(model), tools=self.tools)
         m = {"held_out_accuracy": result["accuracy"],
              **{f"held_out/{k}": v for k, v in result.items() if k.startswith(("pass@", "mean@"))}}
         self.history.append({"step": step, **m})
@@ -221,7 +229,7 @@ def main(cfg):
     model, tok = load(cfg.model, cfg.device, torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32)
     rows = load_rows(cfg, tok)
     result, greedy = evaluate(model, tok, rows, reward_fn, cfg.max_new_tokens, cfg.samples, cfg.temperature,
-                              cfg.batch_size)
+                              cfg.batch_size, tools=tools.build(cfg, tok))
     result.update({"model": cfg.model, "data": cfg.data or f"built-in {cfg.task} held-out", "reward": name})
     print(json.dumps(result))
     if cfg.out:

@@ -70,6 +70,7 @@ import kernels
 import lifecycle as run
 import rewards
 import sft
+import tools
 from data import TRUNCATION, DataError, ShuffledCycle, TooLong, check_data_text, check_text_or_messages, \
     encode_prompt, read_jsonl
 from lifecycle import ConfigError
@@ -98,6 +99,12 @@ class GRPOConfig:
     top_p: float = 1.0
     top_k: int = 0
     rollout_engine: str = "auto"   # rollout.py: auto (CUDA graph on a GPU, simple loop on CPU) | simple | static | graph
+    tools: str = ""                # a tool the model may call while it reasons (tools.py): calculator | python |
+                                   # module:function; empty = none (the built-in calc task wants calculator)
+    tool_format: str = "<c>,</c>,<o>,</o>"  # call start, call end, output start, output end
+    max_tool_calls: int = 4        # per completion
+    tool_timeout: float = 5.0      # seconds per call
+    max_tool_output_tokens: int = 24  # per call, delimiters included; longer outputs are cut
     lr: float = 1e-4               # right for the tiny model; ~1e-6 for a real 0.5B-7B model
     warmup: int = 0
     grad_clip: float = 1.0
@@ -173,6 +180,7 @@ def check_config(cfg):
         (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
         (cfg.grad_clip > 0, f"--grad-clip must be > 0, got {cfg.grad_clip}"),
         (cfg.reward_timeout >= 0, f"--reward-timeout must be >= 0 (0 = unbounded), got {cfg.reward_timeout}"),
+        *tools.checks(cfg),
         one_of("advantage", cfg.advantage, ESTIMATORS),
         one_of("scale-rewards", cfg.scale_rewards, ("group", "batch", "none")),
         one_of("loss-type", cfg.loss_type, LOSS_TYPES),
@@ -210,7 +218,8 @@ def check_config(cfg):
 def resolve_reward_funcs(cfg):
     """--reward-funcs (rewards.resolve: names, name(key=value), module:function) and --reward-weights.
     Empty: the task's checker + format; --overlong-cache adds DAPO's soft_overlong."""
-    spec = cfg.reward_funcs or ("countdown" if cfg.task == "countdown" and not cfg.data else "accuracy") + ",format"
+    spec = cfg.reward_funcs or ("countdown" if cfg.task == "countdown" and not cfg.data else "accuracy") + (
+        "" if cfg.task == "calc" and not cfg.data else ",format")   # calc's traces are not <think><answer>
     if cfg.overlong_cache > 0:
         spec += ",soft_overlong"
     try:
@@ -355,7 +364,7 @@ def schedule_problem(cfg):
     return None
 
 
-def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, limit):
+def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, limit, tool=None):
     """G completions (at most `limit` tokens) for each row's prompt from the current policy, scored by
     every reward function."""
     G = cfg.num_generations
@@ -364,7 +373,7 @@ def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, limit):
     model.eval()
     with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
         roll = generate(model, tok, ids, limit, cfg.temperature, cfg.top_k, cfg.top_p,
-                        engine=dist.rollout_engine(model, cfg.rollout_engine))
+                        engine=dist.rollout_engine(model, cfg.rollout_engine), tools=tool)
     model.train()
     comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
     texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
@@ -380,7 +389,7 @@ def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, limit):
     return Batch(roll, prompts, texts, per_fn, R, keep)
 
 
-def rollout(cfg, model, tok, prompts_src, funcs, weights, step):
+def rollout(cfg, model, tok, prompts_src, funcs, weights, step, tool=None):
     """This rank's batch of the step, and the round counts. Without --dynamic-sampling one round; with
     it, rounds until num_prompts groups (over all ranks) have a reward spread, or max_resample extra
     rounds are spent (all ranks decide together, so they stay on the same rows of the data stream)."""
@@ -388,7 +397,8 @@ def rollout(cfg, model, tok, prompts_src, funcs, weights, step):
     kept = lambda: dist.all_sum(sum(int(r.keep.sum()) for r in rounds))
     while True:
         rows = dist.shard(prompts_src.take(cfg.num_prompts))          # every rank draws the global batch
-        rounds.append(sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, completion_limit(cfg, step)))
+        rounds.append(sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, completion_limit(cfg, step),
+                                       tool))
         if not cfg.dynamic_sampling or kept() >= cfg.num_prompts or len(rounds) > cfg.max_resample:
             break
     info = {"fn_metrics": fn_metrics}
@@ -430,7 +440,11 @@ def merge_rounds(rounds, P, G, pad_id):
         prompts += b.prompts[s]
         texts += b.texts[s]
     cat = {k: torch.cat(v) for k, v in parts.items()}
-    roll = Rollout(cat["ids"], cat["attn"], cat["cmask"], cat["logp"], cat["trunc"], Pm, cat["lmask"])
+    stats = None
+    if groups[0][0].roll.tool_stats is not None:
+        stats = {k: torch.cat([b.roll.tool_stats[k][g * G:(g + 1) * G] for b, g in groups])
+                 for k in groups[0][0].roll.tool_stats}
+    roll = Rollout(cat["ids"], cat["attn"], cat["cmask"], cat["logp"], cat["trunc"], Pm, cat["lmask"], stats)
     return Batch(roll, prompts, texts, cat["per_fn"], cat["R"], torch.ones(len(groups), dtype=torch.bool))
 
 
@@ -773,6 +787,15 @@ def step_metrics(cfg, step, batch, info, sums, grad_norm, skipped, num_tokens, n
               for i, d in enumerate(info["fn_metrics"]) for k, v in sorted(d.items())})
     if cfg.beta != 0.0:
         m["kl"] = sums["kl"]
+    if batch.roll.tool_stats is not None:   # ReTool's view of tool use
+        t = {k: dist.gather_cat(v.float())[0] for k, v in batch.roll.tool_stats.items()}
+        calls = float(t["calls"].sum())
+        m.update({"tools/calls_per_completion": float(t["calls"].mean()),
+                  "tools/frac_completions_with_call": float((t["calls"] > 0).float().mean()),
+                  "tools/error_rate": float(t["errors"].sum()) / calls if calls else 0.0,
+                  "tools/timeout_rate": float(t["timeouts"].sum()) / calls if calls else 0.0,
+                  "tools/over_limit": float(t["over_limit"].sum()),
+                  "tools/output_token_share": float(t["forced_tokens"].sum() / lengths.sum().clamp(min=1))})
     # the sampler (rollout.py) against the trainer on the same tokens and weights: kernels, precision, caches
     m.update({"mismatch/k3_kl": sums["mismatch_k3"], "mismatch/logp_diff_abs_mean": sums["mismatch_abs"],
               "mismatch/logp_diff_abs_max": sums["mismatch_max"],
@@ -813,8 +836,9 @@ def main(cfg):
     check_processes(cfg)
     model, tok = run.load_model(sft.cold_start(cfg, GRPOConfig.init), device, cfg)
     prompts_src = Prompts(cfg, tok, names, context_length(model))  # JSONL is checked here, before training
+    tool = tools.build(cfg, tok)                                    # --tools: called inside the rollouts
     held = E.HeldOut(cfg, tok, E.criterion(cfg, funcs[0]), cfg.max_prompt_length, cfg.max_new_tokens,
-                     cfg.temperature)
+                     cfg.temperature, tool)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta != 0.0 else None  # frozen start
     state = run.open_out(cfg, RESUME_FIXED)
     if state:
@@ -831,7 +855,7 @@ def main(cfg):
     bar = tqdm(total=cfg.steps, initial=step, desc="grpo", dynamic_ncols=True, disable=not dist.is_main())
     while step < cfg.steps:
         t0 = time.time()
-        batch, info = rollout(cfg, model, tok, prompts_src, funcs, weights, step)     # 1. sample + score
+        batch, info = rollout(cfg, model, tok, prompts_src, funcs, weights, step, tool)  # 1. sample + score
         t1 = time.time()
         batch.advantages = advantages(cfg, batch.rewards)                             # 2. advantages
         batch.old_logp, batch.ref_logp, batch.entropy_mask = fixed_logprobs(cfg, model, ref, batch)  # 3.

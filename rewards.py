@@ -9,6 +9,8 @@ reasoning trace in the R1 format `<think>...</think><answer>...</answer>`).
     add2      the same with 2-digit numbers: the demo in a minute (tests/test_demo.py's learning test)
     countdown reach the target with each given number once, + - * /:
               "3,5,7->22" -> <think>3*5=15,15+7=22</think><answer>3*5+7</answer>
+    calc      a*b+c with two-digit numbers, solved with a calculator call (tools.py; --tools calculator):
+              "37*48+15" -> <c>37*48+15</c><o>1791</o><answer>1791</answer>
 
 Reward functions follow TRL's signature: f(prompts, completions, **columns) -> list[float | None],
 one value per completion, None = abstain (that function says nothing about that sample; TRL's
@@ -105,7 +107,22 @@ def make_countdown(rng, count=3):
                            {"numbers": nums, "target": target})
 
 
-TASKS = {"add": make_addition, "add2": lambda rng: make_addition(rng, digits=2), "countdown": make_countdown}
+def make_calc(rng, full_share=0.5):
+    """a*b+c with two-digit numbers: a product the tiny model cannot form in its head, so a calculator
+    (tools.py) is the difference. The teacher uses it imperfectly: in half of its traces it computes the
+    whole expression with the tool; in the other half only the product, then adds c in its head (right
+    in the trace, but a hard step for the model to imitate). RL has to learn to hand the tool everything."""
+    a, b, c = (rng.randint(10, 99) for _ in range(3))
+    product, total = a * b, a * b + c
+    if rng.random() < full_share:
+        trace = f"<c>{a}*{b}+{c}</c><o>{total}</o><answer>{total}</answer>"
+    else:
+        trace = f"<c>{a}*{b}</c><o>{product}</o><think>{product}+{c}={total}</think><answer>{total}</answer>"
+    return Problem(f"{a}*{b}+{c}", str(total), trace)
+
+
+TASKS = {"add": make_addition, "add2": lambda rng: make_addition(rng, digits=2), "countdown": make_countdown,
+         "calc": make_calc}
 HELD_OUT_SEED = 1_000_003  # one fixed evaluation set for every run and every seed
 
 

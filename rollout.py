@@ -63,6 +63,8 @@ class Rollout:
     loss_mask: torch.Tensor = None  # (B, C) float, the tokens training learns from: the completion mask
                                    # (its own copy), minus what the trainer drops (truncated rows with
                                    # --mask-truncated-completions; tokens the model did not write)
+    tool_stats: dict = None        # with tools: per row (B,) counts: calls, errors, timeouts, over_limit,
+                                   # output_tokens (tools.py)
 
     def __post_init__(self):
         if self.loss_mask is None:
@@ -140,8 +142,9 @@ def sample(logits, s: Sampling, pad_id=None, race=False):
     return nxt, logp
 
 
-def finish(prompt_ids, prompt_mask, completion, logps, eos_id):
-    """Completion (B, C) + its sampling log-probs -> the Rollout (training layout and masks)."""
+def finish(prompt_ids, prompt_mask, completion, logps, eos_id, forced=None, tool_stats=None):
+    """Completion (B, C) + its sampling log-probs -> the Rollout (training layout and masks). forced (B, C)
+    bool: tokens the model did not write (spliced tool output): in the sequence, out of the loss."""
     # Completion mask: every token up to and including the first EOS. cumsum of is-EOS counts EOSes
     # seen so far; a token is kept while no EOS came strictly before it.
     is_eos = (completion == eos_id).long()
@@ -149,8 +152,11 @@ def finish(prompt_ids, prompt_mask, completion, logps, eos_id):
     truncated = is_eos.sum(1) == 0
     input_ids = torch.cat([prompt_ids, completion], 1)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
+    loss_mask = None if forced is None else completion_mask * (~forced).float()
+    if tool_stats is not None:   # spliced tokens inside the completion (what a truncation left of them)
+        tool_stats["forced_tokens"] = (forced.float() * completion_mask).sum(1)
     return Rollout(input_ids, attention_mask, completion_mask, logps * completion_mask, truncated,
-                   prompt_ids.shape[1])
+                   prompt_ids.shape[1], loss_mask, tool_stats)
 
 
 # -----------------------------------------------------------------------------
@@ -158,9 +164,10 @@ def finish(prompt_ids, prompt_mask, completion, logps, eos_id):
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
-             engine="auto"):
+             engine="auto", tools=None):
     """Sample one completion per prompt (repeat prompts for G samples each). prompts: list of id lists.
-    engine: auto | simple | static | graph (see the module docstring)."""
+    engine: auto | simple | static | graph (see the module docstring). tools: a tools.Tools, or None;
+    with tools the simple engine runs (auto picks it; static / graph refuse them)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
@@ -169,8 +176,16 @@ def generate(model, tok, prompts, max_new_tokens, temperature=1.0, top_k=0, top_
     # such tokenizers in load(); a tokenizer passed in directly may still have one).
     pad_to_mask = pad if pad != eos else None
     s = Sampling(temperature, top_k, top_p, greedy)
+    if tools is not None:
+        if engine in ("static", "graph"):
+            raise ValueError(f"rollout engine {engine!r} cannot splice tool output into a row; use 'simple' or 'auto'")
+        engine = "simple"
     engine = resolve_engine(model, engine, device)
     prompt_ids, prompt_mask = left_pad(prompts, pad, device)                  # (B, P)
+    if tools is not None:
+        completion, logps, forced, stats = simple_decode(model, prompt_ids, prompt_mask, max_new_tokens, s, eos, pad,
+                                                         pad_to_mask, tools)
+        return finish(prompt_ids, prompt_mask, completion, logps, eos, forced, stats)
     if engine == "simple":
         completion, logps = simple_decode(model, prompt_ids, prompt_mask, max_new_tokens, s, eos, pad, pad_to_mask)
     else:
@@ -208,8 +223,9 @@ def static_unsupported(model):
 # -----------------------------------------------------------------------------
 # simple: the plain loop with a growing cache
 
-def simple_decode(model, prompt_ids, prompt_mask, max_new_tokens, s, eos, pad, pad_to_mask):
-    """-> completion (B, C) long, sampling log-probs (B, C); C <= max_new_tokens (stops when all rows did)."""
+def simple_decode(model, prompt_ids, prompt_mask, max_new_tokens, s, eos, pad, pad_to_mask, tools=None):
+    """-> completion (B, C) long, sampling log-probs (B, C); C <= max_new_tokens (stops when all rows did).
+    With tools, also forced (B, C) bool and the per-row tool counts (ToolLoop)."""
     B = prompt_ids.shape[0]
     mask = prompt_mask
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
@@ -218,20 +234,91 @@ def simple_decode(model, prompt_ids, prompt_mask, max_new_tokens, s, eos, pad, p
     pos = position_ids(mask)[:, -1]                                           # (B,) position of last token
     tokens, logps = [], []
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    loop = ToolLoop(tools, B, prompt_ids.device) if tools is not None else None
     for step in range(max_new_tokens):
         nxt, logp = sample(logits, s, pad_to_mask)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)               # finished rows emit pad
+        logp = torch.where(done, torch.zeros_like(logp), logp)
+        if loop is not None:      # a row with tool output pending takes its next token instead of the sample
+            nxt, logp = loop.force(nxt, logp)
         tokens.append(nxt)
-        logps.append(torch.where(done, torch.zeros_like(logp), logp))
+        logps.append(logp)
         done = done | (nxt == eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if loop is not None:      # rows that have just closed a call: run the calls, queue their outputs
+            loop.after_step(nxt, done)
+        if (bool(done.all()) and (loop is None or not loop.pending())) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, (~done | (nxt == eos)).long()[:, None]], dim=1)  # attend to tokens up to EOS
         pos = pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
                     cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
-    return torch.stack(tokens, 1), torch.stack(logps, 1)
+    if loop is None:
+        return torch.stack(tokens, 1), torch.stack(logps, 1)
+    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(loop.forced_steps, 1), loop.close()
+
+
+class ToolLoop:
+    """The tool side of the decode loop: each row's text, its queue of forced tokens, its counts. The calls
+    that rows close at one step run together (in parallel, each bounded by the tool's timeout) before the
+    next step, so a row's layout depends only on the tokens, never on how long a call took: greedy rollouts
+    and resumed runs are reproducible. Forced tokens are fed one per step, like sampled ones."""
+
+    def __init__(self, tools, B, device):
+        self.tools, self.device = tools, device
+        self.ids = [[] for _ in range(B)]
+        self.queue = [[] for _ in range(B)]
+        self.forced_steps = []
+        self.stats = {k: [0] * B for k in ("calls", "errors", "timeouts", "over_limit", "output_tokens")}
+        self.pool = tools.pool()
+        last = tools.spec.call_end[-1]      # a cheap filter: only a token ending in call_end's last character
+        self.may_end = {i for t, i in tools.tok.get_vocab().items()
+                        if tools.tok.convert_tokens_to_string([t]).endswith(last)}
+
+    def force(self, nxt, logp):
+        is_forced = torch.zeros_like(nxt, dtype=torch.bool)
+        rows = [i for i, q in enumerate(self.queue) if q]
+        if rows:
+            idx = torch.tensor(rows, device=self.device)
+            nxt = nxt.clone()
+            nxt[idx] = torch.tensor([self.queue[i].pop(0) for i in rows], device=self.device)
+            logp = logp.masked_fill(torch.zeros_like(is_forced).index_fill_(0, idx, True), 0.0)
+            is_forced[idx] = True
+        self.forced_steps.append(is_forced)
+        self.last_forced = set(rows)
+        return nxt, logp
+
+    def after_step(self, nxt, done):
+        tok, calls = self.tools.tok, []
+        for i, t in enumerate(nxt.tolist()):
+            if bool(done[i]):
+                continue
+            self.ids[i].append(t)
+            if i in self.last_forced or t not in self.may_end:
+                continue
+            call = self.tools.call_text(tok.decode(self.ids[i]))
+            if call is None:
+                continue
+            if self.stats["calls"][i] >= self.tools.spec.max_calls:
+                self.stats["over_limit"][i] += 1
+                continue
+            calls.append((i, call))
+        if not calls:
+            return
+        for (i, _), (text, error, timeout) in zip(calls, self.tools.run([c for _, c in calls], self.pool)):
+            ids = self.tools.output_ids(text)
+            self.queue[i] = ids
+            self.stats["calls"][i] += 1
+            self.stats["errors"][i] += int(error)
+            self.stats["timeouts"][i] += int(timeout)
+            self.stats["output_tokens"][i] += len(ids)
+
+    def pending(self):
+        return any(self.queue)
+
+    def close(self):
+        self.pool.shutdown(wait=False)
+        return {k: torch.tensor(v, device=self.device) for k, v in self.stats.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import evaluate as E
 import kernels
 import lifecycle as run
 import rewards
+import tools
 from checkpoint import seed_everything
 from data import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_text_or_messages, collate,
                   encode_example, read_jsonl)
@@ -61,6 +62,12 @@ class SFTConfig:
     eval_every: int = 0          # also every N steps, for the learning curve (0 = only before/after)
     eval_samples: int = 0        # k > 0: also pass@k and mean@k from k samples per prompt at temperature 1
     max_new_tokens: int = 48     # for that evaluation
+    tools: str = ""              # the tool of tool-using traces (tools.py): their spliced outputs are masked
+                                 # out of the loss, and the evaluation calls it; empty = none
+    tool_format: str = "<c>,</c>,<o>,</o>"  # call start, call end, output start, output end
+    max_tool_calls: int = 4
+    tool_timeout: float = 5.0
+    max_tool_output_tokens: int = 24
     device: str = "cpu"
     seed: int = 0
     save_every: int = 100
@@ -96,6 +103,7 @@ def check_config(cfg):
         (cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}"),
         (cfg.kernels in kernels.MODES, f"--kernels must be one of {', '.join(kernels.MODES)}, got {cfg.kernels!r}"),
         (bool(cfg.data) or cfg.task in rewards.TASKS, f"--task must be one of {', '.join(rewards.TASKS)}, got {cfg.task!r}"),
+        *tools.checks(cfg),
     ]
 
 
@@ -127,8 +135,9 @@ def encode_checked(tok, prompt, completion, max_length, context=None):
 
 
 def load_examples(cfg, tok, context=None):
-    """List of (prompt_ids, completion_ids). A file's rows are checked and tokenized line by line, so
-    any error names its file:line. context: the model's (model.context_length)."""
+    """List of (prompt_ids, completion_ids) (+ the completion's loss mask with --tools: 0 on the spliced
+    tool outputs). A file's rows are checked and tokenized line by line, so any error names its file:line.
+    context: the model's (model.context_length)."""
     examples = []
     if cfg.data:
         def check(r):
@@ -136,7 +145,7 @@ def load_examples(cfg, tok, context=None):
             p, c = (r["messages"][:-1], r["messages"][-1:]) if "messages" in r else (r["prompt"], r["completion"])
             examples.append(encode_checked(tok, p, c, cfg.max_length, context))
         read_jsonl(cfg.data, check, cfg.truncation)
-        return examples
+        return with_tool_masks(cfg, tok, examples)
     stream = rewards.ProblemStream(cfg.task, seed=cfg.seed, exclude=rewards.held_out(cfg.task, max(cfg.eval_n, 1)))
     slips = random.Random(cfg.seed + 10_000)   # the teacher's slips: their own stream, one draw per trace
     for i, p in enumerate(stream.take(cfg.num_examples)):
@@ -148,7 +157,16 @@ def load_examples(cfg, tok, context=None):
                                            [{"role": "assistant", "content": trace}], cfg.max_length, context))
         except ValueError as e:
             raise ValueError(f"{cfg.task} example {i}: {e}") from None
-    return examples
+    return with_tool_masks(cfg, tok, examples)
+
+
+def with_tool_masks(cfg, tok, examples):
+    """--tools: each example gets its completion's loss mask, 0 on the spliced tool outputs (the model
+    reads what the tool wrote, it never learns to write it)."""
+    if not cfg.tools:
+        return examples
+    spec = tools.spec_from(cfg)
+    return [(p, c, tools.output_mask(tok, c, spec)) for p, c in examples]
 
 
 def sft_loss(logp, mask):
@@ -200,7 +218,9 @@ def cold_start(cfg, default_init):
         raise FileNotFoundError(f"--init {cfg.init!r} does not exist: run sft.py (or torchrun sft.py) first")
     print(f"no cold-start checkpoint at {cfg.init}: running sft.py first")
     main(SFTConfig(model=cfg.model, task=cfg.task, out=cfg.init, device=cfg.device, seed=cfg.seed,
-                   threads=cfg.threads, eval_n=cfg.eval_n, kernels=cfg.kernels))
+                   threads=cfg.threads, eval_n=cfg.eval_n, kernels=cfg.kernels, tools=getattr(cfg, "tools", ""),
+                   tool_format=getattr(cfg, "tool_format", SFTConfig.tool_format),
+                   max_new_tokens=max(cfg.max_new_tokens, SFTConfig.max_new_tokens)))
     seed_everything(cfg.seed)
     return cfg.init
 
@@ -211,7 +231,7 @@ def main(cfg):
     device = run.start(cfg, check_config)
     model, tok = run.load_model(cfg.model, device, cfg)
     examples = load_examples(cfg, tok, context_length(model))  # every row is checked before the first step
-    held = E.HeldOut(cfg, tok, E.criterion(cfg), cfg.max_length, cfg.max_new_tokens)
+    held = E.HeldOut(cfg, tok, E.criterion(cfg), cfg.max_length, cfg.max_new_tokens, tools=tools.build(cfg, tok))
     data = ShuffledCycle(len(examples), cfg.seed)
     state = run.open_out(cfg, RESUME_FIXED)
     if state:
