@@ -70,6 +70,7 @@ import kernels
 import lifecycle as run
 import rewards
 import sft
+import tools
 from data import (TRUNCATION, ShuffledCycle, TooLong, check_data_text, check_text_or_messages, collate,
                   encode_example, encode_prompt, read_jsonl)
 from model import context_length, token_logprobs
@@ -102,6 +103,12 @@ class DPOConfig:
     temperature: float = 1.0       # sampling temperature for the on-policy completions
     max_new_tokens: int = 48
     generation_batch: int = 512    # sequences per rollout.generate call (memory)
+    tools: str = ""                # a tool the model calls while it answers (tools.py; on-policy pairs and the
+                                   # held-out evaluation call it; JSONL pairs' tool outputs are masked)
+    tool_format: str = "<c>,</c>,<o>,</o>"
+    max_tool_calls: int = 4
+    tool_timeout: float = 5.0
+    max_tool_output_tokens: int = 24
     micro_batch: int = 64          # pairs per forward/backward (gradients accumulate; memory)
     eval_n: int = 500              # held-out problems, greedy, before/after (built-in task only)
     eval_data: str = ""            # held-out JSONL (GRPO's prompt format: prompt + answer), scored greedy by
@@ -155,6 +162,7 @@ def check_config(cfg):
         (cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}"),
         (cfg.kernels in kernels.MODES, f"--kernels must be one of {', '.join(kernels.MODES)}, got {cfg.kernels!r}"),
         (bool(cfg.data) or cfg.task in rewards.TASKS, f"--task must be one of {', '.join(rewards.TASKS)}, got {cfg.task!r}"),
+        *tools.checks(cfg),
     ]
 
 
@@ -211,13 +219,19 @@ class Pair:
     prompt: list      # prompt ids (chat template and generation prompt included)
     chosen: list      # completion ids, ending with EOS (unless an on-policy sample was truncated)
     rejected: list
+    chosen_mask: list = None    # with --tools: 0 on spliced tool output (not the model's), else None = all 1
+    rejected_mask: list = None
+
+    def fields(self):
+        return (self.prompt, self.chosen, self.rejected, self.chosen_mask, self.rejected_mask)
 
 
 def collate_pairs(pairs, pad_id, device):
     """B pairs -> one batch of 2B rows, chosen rows first, then rejected: input_ids, attention_mask
     (2B, P+C) as [left-padded prompt | right-padded completion], completion mask (2B, C)."""
-    examples = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    return collate(examples, pad_id, device)
+    examples = ([(p.prompt, p.chosen) + ((p.chosen_mask,) if p.chosen_mask else ()) for p in pairs] +
+                [(p.prompt, p.rejected) + ((p.rejected_mask,) if p.rejected_mask else ()) for p in pairs])
+    return collate(examples, pad_id, device)   # the mask: model-written tokens only (tool output excluded)
 
 
 def pair_logps(model, pairs, pad_id, device):
@@ -243,7 +257,7 @@ def fingerprint(pairs):
     """A hash of every token id: a cached reference must belong to exactly these pairs."""
     h = hashlib.sha256()
     for p in pairs:
-        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
+        h.update(json.dumps(p.fields() if p.chosen_mask or p.rejected_mask else p.fields()[:3]).encode())
     return h.hexdigest()
 
 
@@ -280,10 +294,11 @@ def split_prompt(row):
     return c[:n], c[n:], r[n:]
 
 
-def encode_pair(tok, row, max_length, context=None):
+def encode_pair(tok, row, max_length, context=None, spec=None):
     """A JSONL row -> Pair of token ids; data.encode_example does the templating (no double BOS/EOS).
     Within --max-length and the model's context (max_position_embeddings); the text is checked first
-    (data.check_data_text); a pair whose two completions are the same teaches nothing: refused."""
+    (data.check_data_text); a pair whose two completions are the same teaches nothing: refused. spec (a
+    tools.ToolSpec, with --tools): the completions are tool traces, their spliced outputs masked."""
     prompt, chosen, rejected = split_prompt(row)
     for c in (chosen, rejected):
         check_data_text(tok, prompt, c, max_tokens=max_length, limit="--max-length")
@@ -297,6 +312,8 @@ def encode_pair(tok, row, max_length, context=None):
         raise TooLong(f"pair has {n} tokens > --max-length {max_length}")
     if context is not None and n > context:
         raise TooLong(f"pair has {n} tokens > the model's context of {context} positions (max_position_embeddings)")
+    if spec is not None:
+        return Pair(p, c, r, tools.output_mask(tok, c, spec), tools.output_mask(tok, r, spec))
     return Pair(p, c, r)
 
 
@@ -323,26 +340,28 @@ def build_pairs(scores, k, pairs_per_prompt=1):
     return pairs, counts
 
 
-def sample_pairs(model, tok, problems, cfg):
-    """One on-policy round: k completions per problem from the current policy, scored by the task's
-    checker, paired by build_pairs. Returns the pairs, their texts (for logging) and round stats."""
+def sample_pairs(model, tok, problems, cfg, tool=None):
+    """One on-policy round: k completions per problem from the current policy (calling `tool`, a
+    tools.Tools, when given), scored by the task's checker, paired by build_pairs. Returns the pairs,
+    their texts (for logging) and round stats."""
     k = cfg.num_generations
     prompts = [encode_prompt(tok, p.row()["prompt"]) for p in problems]
     flat = [ids for ids in prompts for _ in range(k)]                 # each prompt k times, grouped
     model.eval()
-    comps, texts = [], []
+    comps, texts, masks = [], [], []
     with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
         for i in range(0, len(flat), cfg.generation_batch):
-            r = generate(model, tok, flat[i:i + cfg.generation_batch], cfg.max_new_tokens, cfg.temperature,
+            r = generate(model, tok, flat[i:i + cfg.generation_batch], cfg.max_new_tokens, cfg.temperature, tools=tool,
                          engine=dist.rollout_engine(model))
             # exactly the sampled tokens, up to and including EOS: the policy's own sequences, not re-tokenized text
             comps += [row[m.bool()].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
+            masks += [lm[m.bool()].long().tolist() if tool else None for lm, m in zip(r.loss_mask, r.completion_mask)]
             texts += tok.batch_decode(r.completion_ids, skip_special_tokens=True)
     rows = [p.row() for p in problems for _ in range(k)]
     check = rewards.REWARD_FUNCS[E.checker(cfg.task)]
     scores = check([r["prompt"] for r in rows], texts, **{c: [r[c] for r in rows] for c in rows[0] if c != "prompt"})
     index, counts = build_pairs(scores, k, cfg.pairs_per_prompt)
-    pairs = [Pair(flat[w], comps[w], comps[l]) for w, l in index]
+    pairs = [Pair(flat[w], comps[w], comps[l], masks[w], masks[l]) for w, l in index]
     shown = [{"prompt": problems[w // k].prompt, "chosen": texts[w], "rejected": texts[l]} for w, l in index[:2]]
     valid = [s for s in scores if s is not None]
     stats = {"pairs/num": len(pairs), **{f"pairs/{c}": n for c, n in counts.items()},
@@ -385,7 +404,8 @@ def start_round(cfg, model, tok, r, stream, file_pairs, logs, resume_data=None):
         pairs, shown, stats = file_pairs, [], {"pairs/num": len(file_pairs)}
         ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch)  # (N, 2)
     else:
-        pairs, shown, stats = sample_pairs(model, tok, dist.shard(stream.take(cfg.num_prompts)), cfg)
+        pairs, shown, stats = sample_pairs(model, tok, dist.shard(stream.take(cfg.num_prompts)), cfg,
+                                           tools.build(cfg, tok))
         # (N, 2); called with no pairs too: under --fsdp every rank must join the gathering
         ref = reference_logps(model, pairs, tok.pad_token_id, device, cfg.micro_batch)
         parts = dist.gather_objects((pairs, ref, stats))
@@ -398,7 +418,7 @@ def start_round(cfg, model, tok, r, stream, file_pairs, logs, resume_data=None):
     stats["time/pairs"] = time.time() - t0                   # sampling, scoring, reference
     if dist.is_main():
         torch.save({"round": r, "fingerprint": fingerprint(pairs), "ref": ref, "stats": stats,
-                    "pairs": None if cfg.data else [(p.prompt, p.chosen, p.rejected) for p in pairs]}, cache_path)
+                    "pairs": None if cfg.data else [p.fields() for p in pairs]}, cache_path)
         tqdm.write(f"[round {r}] {json.dumps(stats)}")
         for x in shown:
             tqdm.write(f"  {x['prompt']!r}: chosen {x['chosen']!r} / rejected {x['rejected']!r}")
@@ -452,7 +472,9 @@ def read_pairs(cfg, tok, model, start):
     """--data: every row checked and tokenized, before anything is written (None: on-policy pairs)."""
     if cfg.data:
         pairs, context = [], context_length(model)
-        read_jsonl(cfg.data, lambda row: pairs.append(encode_pair(tok, row, cfg.max_length, context)), cfg.truncation)
+        spec = tools.spec_from(cfg) if cfg.tools else None
+        read_jsonl(cfg.data, lambda row: pairs.append(encode_pair(tok, row, cfg.max_length, context, spec)),
+                   cfg.truncation)
         return pairs
     if not getattr(tok, "chat_template", None):  # on-policy prompts are conversational
         raise ValueError(f"{start}: the built-in task's prompts are conversational and this tokenizer has no chat "
@@ -471,7 +493,8 @@ def main(cfg):
     file_pairs = read_pairs(cfg, tok, model, start)
     stream = rewards.ProblemStream(cfg.task, seed=cfg.seed + 1,                # GRPO's prompt stream
                                    exclude=rewards.held_out(cfg.task, cfg.eval_n) if cfg.eval_n and not cfg.data else [])
-    held = E.HeldOut(cfg, tok, E.criterion(cfg), cfg.max_length, cfg.max_new_tokens, cfg.temperature)
+    held = E.HeldOut(cfg, tok, E.criterion(cfg), cfg.max_length, cfg.max_new_tokens, cfg.temperature,
+                     tools.build(cfg, tok))
     state = run.open_out(cfg, RESUME_FIXED + (() if cfg.data else ("steps",)))
     if state:
         if cfg.data:  # a file of another size cannot continue the saved position

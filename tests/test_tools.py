@@ -212,3 +212,26 @@ def test_grpo_with_tools_logs_tool_use_and_resumes_exactly(tmp_path, calc_model)
     assert ma[0]["tools/frac_completions_with_call"] > 0.5 and 0 < ma[0]["tools/output_token_share"] < 1
     drop = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "step_time"))}
     assert [drop(m) for m in ma] == [drop(m) for m in mb]   # the same code on the same shapes: bitwise
+
+
+def test_dpo_sums_log_probs_over_model_written_tokens_only(calc_model, monkeypatch):
+    """On-policy pairs sampled with the calculator carry masks that are 0 on the spliced outputs; a pair's
+    log-prob is the sum over the model's own tokens (checked against the per-token log-probs by hand).
+    (The checker is replaced by the parity of the length, so that pairs exist after so short an SFT.)"""
+    import dpo
+    monkeypatch.setitem(rewards.REWARD_FUNCS, "accuracy",
+                        lambda prompts, completions, **kw: [float(len(c) % 2 == 0) for c in completions])
+    model, tok = M.load(calc_model)
+    cfg = dpo.DPOConfig(task="calc", tools="calculator", num_generations=4, pairs_per_prompt=2)
+    torch.manual_seed(0)
+    pairs, _, _ = dpo.sample_pairs(model, tok, rewards.ProblemStream("calc", seed=3).take(16), cfg,
+                                   tools.build(cfg, tok))
+    used = [p for p in pairs if 0 in p.chosen_mask]                   # pairs whose chosen answer called the tool
+    assert used, "the SFT model calls the calculator"
+    pairs = used
+    ids, attn, mask = dpo.collate_pairs(pairs[:2], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        sums, lens = dpo.pair_logps(model, pairs[:2], tok.pad_token_id, "cpu")
+        lp = M.token_logprobs(model, ids, attn, mask.shape[1])
+    assert torch.allclose(sums, (lp * mask).sum(1)) and lens.tolist() == mask.sum(1).tolist()
+    assert lens[0] == sum(pairs[0].chosen_mask) < len(pairs[0].chosen)
