@@ -219,7 +219,7 @@ def resolve_reward_funcs(cfg):
     """--reward-funcs (rewards.resolve: names, name(key=value), module:function) and --reward-weights.
     Empty: the task's checker + format; --overlong-cache adds DAPO's soft_overlong."""
     spec = cfg.reward_funcs or ("countdown" if cfg.task == "countdown" and not cfg.data else "accuracy") + (
-        "" if cfg.task == "calc" and not cfg.data else ",format")   # calc's traces are not <think><answer>
+        "" if cfg.task in ("calc", "adapt") and not cfg.data else ",format")   # their traces are not <think><answer>
     if cfg.overlong_cache > 0:
         spec += ",soft_overlong"
     try:
@@ -329,6 +329,7 @@ class Batch:
     old_logp: torch.Tensor = None   # (B, C) pi_old, fixed       phase 3 (num_iterations > 1)
     ref_logp: torch.Tensor = None   # (B, C) pi_ref, fixed       phase 3 (beta > 0)
     entropy_mask: torch.Tensor = None  # (B, C) 1 on high-entropy tokens  phase 3 (--top-entropy-quantile < 1)
+    columns: dict = None            # the rows' columns, B values each (answer, difficulty, ...) for the metrics
 
 
 def completion_limit(cfg, step):
@@ -386,7 +387,7 @@ def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, limit, t
     keep = torch.ones(len(rows), dtype=torch.bool, device=R.device)
     if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
         keep = _nanstd(R.view(len(rows), G)) > 0
-    return Batch(roll, prompts, texts, per_fn, R, keep)
+    return Batch(roll, prompts, texts, per_fn, R, keep, columns=columns)
 
 
 def rollout(cfg, model, tok, prompts_src, funcs, weights, step, tool=None):
@@ -426,7 +427,7 @@ def merge_rounds(rounds, P, G, pad_id):
     Cm = max(b.roll.completion_mask.shape[1] for b, _ in groups)
     pad = lambda t, left, right, v: torch.nn.functional.pad(t, (left, right), value=v)
     parts = {k: [] for k in ("ids", "attn", "cmask", "lmask", "logp", "trunc", "per_fn", "R")}
-    prompts, texts = [], []
+    prompts, texts, columns = [], [], {k: [] for k in groups[0][0].columns}
     for b, g in groups:
         s, r = slice(g * G, (g + 1) * G), b.roll
         pl, cl = r.prompt_len, r.completion_mask.shape[1]
@@ -439,13 +440,16 @@ def merge_rounds(rounds, P, G, pad_id):
         parts["R"].append(b.rewards[s])
         prompts += b.prompts[s]
         texts += b.texts[s]
+        for k in columns:
+            columns[k] += b.columns[k][s]
     cat = {k: torch.cat(v) for k, v in parts.items()}
     stats = None
     if groups[0][0].roll.tool_stats is not None:
         stats = {k: torch.cat([b.roll.tool_stats[k][g * G:(g + 1) * G] for b, g in groups])
                  for k in groups[0][0].roll.tool_stats}
     roll = Rollout(cat["ids"], cat["attn"], cat["cmask"], cat["logp"], cat["trunc"], Pm, cat["lmask"], stats)
-    return Batch(roll, prompts, texts, cat["per_fn"], cat["R"], torch.ones(len(groups), dtype=torch.bool))
+    return Batch(roll, prompts, texts, cat["per_fn"], cat["R"], torch.ones(len(groups), dtype=torch.bool),
+                 columns=columns)
 
 
 # -----------------------------------------------------------------------------
@@ -765,6 +769,23 @@ def update(cfg, model, opt, sched, batch):
 # -----------------------------------------------------------------------------
 # Phase 5: the step's metrics (TRL's names)
 
+def thinking_metrics(batch):
+    """Adaptive thinking (rewards.thinking_stats) over the global batch: logged when the rows have a
+    `difficulty` column or a completion opens with a budget tag or leaves its <think> empty."""
+    lengths = batch.roll.completion_mask.sum(1).tolist()
+    correct = rewards.accuracy_reward(batch.prompts, batch.texts, answer=batch.columns.get("answer"))
+    adaptive = "difficulty" in batch.columns or any(
+        rewards.BUDGET_TAG_RE.match(t) or (m and not m.group(1).strip()) for t, m in
+        ((t, rewards.THINK_RE.search(t)) for t in batch.texts))
+    stats = {}
+    for part, on in dist.gather_objects((rewards.thinking_stats(batch.texts, lengths, correct,   # every rank's
+                                                                batch.columns.get("difficulty")), adaptive)):
+        adaptive = adaptive or on
+        for k, (s, n) in part.items():
+            stats[k] = (stats.get(k, (0.0, 0))[0] + s, stats.get(k, (0.0, 0))[1] + n)
+    return {k: s / n for k, (s, n) in sorted(stats.items())} if adaptive else {}
+
+
 def step_metrics(cfg, step, batch, info, sums, grad_norm, skipped, num_tokens, names, lr):
     """The metrics line of a step, over the global batch (every rank's rows)."""
     R, per_fn, trunc, lengths = (dist.gather_cat(t)[0] for t in (batch.rewards, batch.per_fn, batch.roll.truncated,
@@ -796,6 +817,7 @@ def step_metrics(cfg, step, batch, info, sums, grad_norm, skipped, num_tokens, n
                   "tools/timeout_rate": float(t["timeouts"].sum()) / calls if calls else 0.0,
                   "tools/over_limit": float(t["over_limit"].sum()),
                   "tools/output_token_share": float(t["forced_tokens"].sum() / lengths.sum().clamp(min=1))})
+    m.update(thinking_metrics(batch))
     # the sampler (rollout.py) against the trainer on the same tokens and weights: kernels, precision, caches
     m.update({"mismatch/k3_kl": sums["mismatch_k3"], "mismatch/logp_diff_abs_mean": sums["mismatch_abs"],
               "mismatch/logp_diff_abs_max": sums["mismatch_max"],

@@ -11,6 +11,10 @@ reasoning trace in the R1 format `<think>...</think><answer>...</answer>`).
               "3,5,7->22" -> <think>3*5=15,15+7=22</think><answer>3*5+7</answer>
     calc      a*b+c with two-digit numbers, solved with a calculator call (tools.py; --tools calculator):
               "37*48+15" -> <c>37*48+15</c><o>1791</o><answer>1791</answer>
+    adapt     3-digit a + b, easy (no carry) or hard (a carry), opened with a budget tag that sets the mode:
+              "410+537" -> [Easy]<think></think><answer>947</answer>  (NoThinking)
+              "586+257" -> [Hard]<think>6+7=13,8+5+1=14,5+2+1=8</think><answer>843</answer>
+              a prompt that ends with " [Easy]" or " [Hard]" forces that mode
 
 Reward functions follow TRL's signature: f(prompts, completions, **columns) -> list[float | None],
 one value per completion, None = abstain (that function says nothing about that sample; TRL's
@@ -24,6 +28,7 @@ dataset column arrive as keyword arguments.
     group_length_penalty       Kimi k1.5's length reward: correct answers paid for being short within their group
     cosine_length_reward       Yeo et al.'s cosine length-scaled reward, by correctness, with an over-limit penalty
     budget_tag_reward          AdaCtrl: an opening [Easy]/[Hard] tag that matches the group's accuracy
+    thinking_stats             (not a reward) thinking rate, length by mode / tag / difficulty, per step
     code_reward                fraction of the `tests` column the completion's ```python block passes,
                                run in sandbox.py (separate process, limits, no network, no secrets);
                                calls and stdin/stdout tests are decided by the trainer, asserts are not
@@ -57,6 +62,7 @@ class Problem:
     answer: str   # what accuracy_reward compares against
     trace: str    # a correct completion in R1 format, for the cold-start SFT
     columns: dict = None  # extra columns for reward functions (countdown: numbers, target)
+    question: str = None  # the problem without a mode forced in its prompt (adapt): what held-out checks
 
     def row(self):
         """The problem as a GRPO dataset row: conversational prompt + reward columns."""
@@ -121,8 +127,48 @@ def make_calc(rng, full_share=0.5):
     return Problem(f"{a}*{b}+{c}", str(total), trace)
 
 
+# Adaptive thinking (AdaCtrl's budget tags, AdaptThink's NoThinking mode). A completion opens with a tag
+# that sets its budget: [Easy] answers at once, with an empty think (NoThinking), [Hard] thinks first.
+# A prompt that ends with a tag forces it: the teacher obeys, so a cold-started model learns to obey.
+EASY_TAG, HARD_TAG = "[Easy]", "[Hard]"
+
+
+def carries(a, b):
+    """Columns of a + b that carry: 0 means every digit of the sum is the sum of two digits."""
+    n, carry = 0, 0
+    while a or b:
+        carry = (a % 10 + b % 10 + carry) // 10
+        n, a, b = n + carry, a // 10, b // 10
+    return n
+
+
+def make_adapt(rng, easy_share=0.8, think_easy=0.9, forced_share=0.0):
+    """3-digit a + b where difficulty is the carries: an easy problem has none (each digit of the sum is
+    two digits added, which the tiny model can answer at once), a hard one has one or more (answering at
+    once means carrying in its head: the scratchpad is the difference). Columns: difficulty (easy|hard,
+    the bucket of the per-difficulty metrics) and carries. The teacher thinks on every hard problem and on
+    think_easy of the easy ones: a cold start that wastes its scratchpad on easy problems, as a long-CoT
+    model does. With forced_share, that share of prompts end with a tag the teacher obeys (sft.py's traces:
+    COLD_START); RL and the held-out set use free prompts only."""
+    hard = rng.random() >= easy_share
+    while True:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        if (carries(a, b) > 0) == hard:
+            break
+    question, forced = f"{a}+{b}", None
+    if rng.random() < forced_share:
+        forced = rng.choice((EASY_TAG, HARD_TAG))
+    think = forced == HARD_TAG if forced else (hard or rng.random() < think_easy)
+    answer = addition_trace(a, b).split("</think>")[1]
+    trace = HARD_TAG + addition_trace(a, b) if think else f"{EASY_TAG}<think></think>{answer}"
+    return Problem(f"{question} {forced}" if forced else question, str(a + b), trace,
+                   {"difficulty": "hard" if hard else "easy", "carries": carries(a, b)}, question)
+
+
 TASKS = {"add": make_addition, "add2": lambda rng: make_addition(rng, digits=2), "countdown": make_countdown,
-         "calc": make_calc}
+         "calc": make_calc, "adapt": make_adapt}
+# a task whose cold-start traces differ from its RL prompts: sft.py draws these instead
+COLD_START = {"adapt": lambda rng: make_adapt(rng, forced_share=0.3)}
 HELD_OUT_SEED = 1_000_003  # one fixed evaluation set for every run and every seed
 
 
@@ -141,15 +187,16 @@ class ProblemStream:
     """An endless, seeded stream of training problems that skips every held-out prompt.
     `position` (problems drawn so far) is all the state needed to resume exactly."""
 
-    def __init__(self, task, seed, exclude=()):
-        self.task, self.seed, self.exclude, self.position = task, seed, {p.prompt for p in exclude}, 0
+    def __init__(self, task, seed, exclude=(), cold_start=False):
+        self.task, self.seed, self.exclude, self.position = task, seed, {p.question or p.prompt for p in exclude}, 0
+        self.make = COLD_START.get(task, TASKS[task]) if cold_start else TASKS[task]
         self.rng = random.Random(seed)
 
     def next(self):
         while True:
-            p = TASKS[self.task](self.rng)
+            p = self.make(self.rng)
             self.position += 1
-            if p.prompt not in self.exclude:
+            if (p.question or p.prompt) not in self.exclude:
                 return p
 
     def take(self, n):
@@ -158,7 +205,7 @@ class ProblemStream:
     def seek(self, position):
         self.rng, self.position = random.Random(self.seed), 0
         while self.position < position:
-            TASKS[self.task](self.rng)
+            self.make(self.rng)
             self.position += 1
 
 
@@ -436,6 +483,41 @@ def budget_tag_reward(easy_threshold=0.625, r_consistent=1.0, r_inconsistent=0.0
                 out[i] = r_missing if m is None else r_consistent if m.group(1).lower() == label else r_inconsistent
         return out
     return budget_tag
+
+
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def thinking_stats(completions, lengths, correct, difficulty=None):
+    """What adaptive thinking changes, as {metric: (sum, count)} so that ranks can add them before the
+    division (grpo.py logs sum / count). lengths: tokens per completion; correct: accuracy_reward's
+    values (None abstains from the accuracies); difficulty: the rows' bucket column, if they have one.
+
+        thinking/rate                    completions whose <think> has text (the others: NoThinking)
+        thinking/length/think|no_think   mean length by that mode
+        thinking/tag_rate/easy           completions that open with [Easy] (AdaCtrl's budget tag)
+        thinking/length/easy_tag|hard_tag|no_tag   mean length by the opening tag
+        thinking/accuracy/<bucket>, thinking/length/<bucket>   by difficulty bucket
+    """
+    out = {}
+
+    def add(name, value):
+        s, n = out.get(name, (0.0, 0))
+        out[name] = (s + float(value), n + 1)
+
+    for i, (c, n) in enumerate(zip(completions, lengths)):
+        m = THINK_RE.search(c)
+        thinks = bool(m and m.group(1).strip())
+        add("thinking/rate", thinks)
+        add(f"thinking/length/{'think' if thinks else 'no_think'}", n)
+        tag = BUDGET_TAG_RE.match(c)
+        add("thinking/tag_rate/easy", bool(tag) and tag.group(1).lower() == "easy")
+        add(f"thinking/length/{tag.group(1).lower() + '_tag' if tag else 'no_tag'}", n)
+        if difficulty is not None and difficulty[i] is not None:
+            add(f"thinking/length/{difficulty[i]}", n)
+            if correct[i] is not None:
+                add(f"thinking/accuracy/{difficulty[i]}", correct[i])
+    return out
 
 
 # -----------------------------------------------------------------------------

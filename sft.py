@@ -146,7 +146,8 @@ def load_examples(cfg, tok, context=None):
             examples.append(encode_checked(tok, p, c, cfg.max_length, context))
         read_jsonl(cfg.data, check, cfg.truncation)
         return with_tool_masks(cfg, tok, examples)
-    stream = rewards.ProblemStream(cfg.task, seed=cfg.seed, exclude=rewards.held_out(cfg.task, max(cfg.eval_n, 1)))
+    stream = rewards.ProblemStream(cfg.task, seed=cfg.seed, exclude=rewards.held_out(cfg.task, max(cfg.eval_n, 1)),
+                                   cold_start=True)   # (adapt: a share of prompts force a mode)
     slips = random.Random(cfg.seed + 10_000)   # the teacher's slips: their own stream, one draw per trace
     for i, p in enumerate(stream.take(cfg.num_examples)):
         trace = p.trace
