@@ -142,7 +142,7 @@ def carries(a, b):
     return n
 
 
-def make_adapt(rng, easy_share=0.8, think_easy=0.9, forced_share=0.0):
+def make_adapt(rng, easy_share=0.8, think_easy=0.6, forced_share=0.0):
     """3-digit a + b where difficulty is the carries: an easy problem has none (each digit of the sum is
     two digits added, which the tiny model can answer at once), a hard one has one or more (answering at
     once means carrying in its head: the scratchpad is the difference). Columns: difficulty (easy|hard,

@@ -29,7 +29,7 @@ def test_adapt_problems_and_cold_start_traces():
             assert p.trace == "[Hard]" + rewards.addition_trace(a, b)
     easy = [p for p in free if p.columns["difficulty"] == "easy"]
     assert 0.77 < len(easy) / len(free) < 0.83                                   # easy_share 0.8
-    assert 0.87 < sum(p.trace.startswith("[Hard]") for p in easy) / len(easy) < 0.93  # think_easy 0.9
+    assert 0.56 < sum(p.trace.startswith("[Hard]") for p in easy) / len(easy) < 0.64  # think_easy 0.6
     cold = [rewards.COLD_START["adapt"](random.Random(i)) for i in range(1000)]
     forced = [p for p in cold if p.prompt != p.question]
     assert 0.25 < len(forced) / len(cold) < 0.35

@@ -1,0 +1,89 @@
+"""The adaptive-thinking demonstration (README, "Adaptive thinking"): the built-in adapt task over seeds,
+each run a plain command of this repo:
+
+    python sft.py  --task adapt --seed S --out runs/adapt/sft-sS
+    python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs accuracy --out runs/adapt/plain-sS
+    python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs accuracy,length_penalty --out runs/adapt/aware-sS
+
+then on the 500 held-out problems, greedy: accuracy, mean completion length, length and accuracy by
+difficulty (easy: no carry; hard: a carry), the thinking rate, and the same with the mode forced in the
+prompt (" [Easy]" / " [Hard]").
+
+    python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--threads 2] [--out runs/adapt]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(args, threads):
+    cmd = [sys.executable, *args, "--threads", str(threads), "--save-every", "0"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def measure(model_dir, n=500):
+    """Greedy held-out completions, free and with each mode forced -> {mode: metrics}."""
+    import evaluate as E
+    import rewards
+    from model import load
+    model, tok = load(model_dir)
+    out = {}
+    for force in ("", " [Easy]", " [Hard]"):
+        rows = E.builtin_rows("adapt", n)
+        for r in rows:
+            r["prompt"] = [{"role": "user", "content": r["prompt"][0]["content"] + force}]
+        comps = E.complete(model, tok, rows, 1, 48, 1.0, 250, greedy=True)
+        lengths = [len(tok(c, add_special_tokens=False).input_ids) + 1 for c in comps]   # + EOS
+        correct = E.score(rewards.accuracy_reward, rows, comps)
+        s = rewards.thinking_stats(comps, lengths, correct, [r["difficulty"] for r in rows])
+        m = {k: v / c for k, (v, c) in s.items()}
+        m.update(accuracy=sum(correct) / n, mean_length=sum(lengths) / n)
+        out[force.strip() or "free"] = m
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/adapt")
+    ap.add_argument("--measure-only", action="store_true", help="measure runs already in --out")
+    a = ap.parse_args()
+    table = {}
+    for s in a.seeds:
+        d = lambda name: os.path.join(a.out, f"{name}-s{s}")
+        common = ["--task", "adapt", "--seed", str(s)]
+        if not a.measure_only:
+            run(["sft.py", *common, "--out", d("sft")], a.threads)
+            for name, funcs in (("plain", "accuracy"), ("aware", "accuracy,length_penalty")):
+                run(["grpo.py", *common, "--init", d("sft"), "--steps", str(a.steps), "--reward-funcs", funcs,
+                     "--out", d(name)], a.threads)
+        table[s] = {name: measure(d(name)) for name in ("sft", "plain", "aware")}
+        print(json.dumps({s: table[s]}), flush=True)
+    keys = [("accuracy", "accuracy", 100), ("mean_length", "length", 1),
+            ("thinking/accuracy/easy", "acc easy", 100), ("thinking/accuracy/hard", "acc hard", 100),
+            ("thinking/length/easy", "len easy", 1), ("thinking/length/hard", "len hard", 1),
+            ("thinking/rate", "thinks", 100)]
+    print("\n| run (mode) | " + " | ".join(k[1] for k in keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for name in ("sft", "plain", "aware"):
+        for mode in ("free", "[Easy]", "[Hard]"):
+            cells = []
+            for k, _, scale in keys:
+                vals = [table[s][name][mode].get(k, float("nan")) * scale for s in a.seeds]
+                cells.append(f"{statistics.mean(vals):.1f} ({', '.join(f'{v:.1f}' for v in vals)})")
+            print(f"| {name} ({mode}) | " + " | ".join(cells) + " |")
+    with open(os.path.join(a.out, "adapt_demo.json"), "w") as f:
+        json.dump(table, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
