@@ -427,7 +427,7 @@ def merge_rounds(rounds, P, G, pad_id):
     Cm = max(b.roll.completion_mask.shape[1] for b, _ in groups)
     pad = lambda t, left, right, v: torch.nn.functional.pad(t, (left, right), value=v)
     parts = {k: [] for k in ("ids", "attn", "cmask", "lmask", "logp", "trunc", "per_fn", "R")}
-    prompts, texts, columns = [], [], {k: [] for k in groups[0][0].columns}
+    prompts, texts, columns = [], [], {k: [] for k in groups[0][0].columns or {}}
     for b, g in groups:
         s, r = slice(g * G, (g + 1) * G), b.roll
         pl, cl = r.prompt_len, r.completion_mask.shape[1]
