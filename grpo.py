@@ -774,15 +774,13 @@ def thinking_metrics(batch):
     `difficulty` column or a completion opens with a budget tag or leaves its <think> empty."""
     lengths = batch.roll.completion_mask.sum(1).tolist()
     correct = rewards.accuracy_reward(batch.prompts, batch.texts, answer=batch.columns.get("answer"))
-    adaptive = "difficulty" in batch.columns or any(
-        rewards.BUDGET_TAG_RE.match(t) or (m and not m.group(1).strip()) for t, m in
-        ((t, rewards.THINK_RE.search(t)) for t in batch.texts))
     stats = {}
-    for part, on in dist.gather_objects((rewards.thinking_stats(batch.texts, lengths, correct,   # every rank's
-                                                                batch.columns.get("difficulty")), adaptive)):
-        adaptive = adaptive or on
+    for part in dist.gather_objects(rewards.thinking_stats(batch.texts, lengths, correct,   # every rank's counts
+                                                           batch.columns.get("difficulty"))):
         for k, (s, n) in part.items():
             stats[k] = (stats.get(k, (0.0, 0))[0] + s, stats.get(k, (0.0, 0))[1] + n)
+    adaptive = ("difficulty" in batch.columns or stats["thinking/skip_rate"][0] > 0
+                or "thinking/length/easy_tag" in stats or "thinking/length/hard_tag" in stats)
     return {k: s / n for k, (s, n) in sorted(stats.items())} if adaptive else {}
 
 

@@ -159,8 +159,8 @@ def make_adapt(rng, easy_share=0.8, think_easy=0.6, forced_share=0.0):
     if rng.random() < forced_share:
         forced = rng.choice((EASY_TAG, HARD_TAG))
     think = forced == HARD_TAG if forced else (hard or rng.random() < think_easy)
-    answer = addition_trace(a, b).split("</think>")[1]
-    trace = HARD_TAG + addition_trace(a, b) if think else f"{EASY_TAG}<think></think>{answer}"
+    scratchpad = addition_trace(a, b)
+    trace = HARD_TAG + scratchpad if think else EASY_TAG + "<think></think>" + scratchpad.split("</think>")[1]
     return Problem(f"{question} {forced}" if forced else question, str(a + b), trace,
                    {"difficulty": "hard" if hard else "easy", "carries": carries(a, b)}, question)
 
@@ -493,7 +493,8 @@ def thinking_stats(completions, lengths, correct, difficulty=None):
     division (grpo.py logs sum / count). lengths: tokens per completion; correct: accuracy_reward's
     values (None abstains from the accuracies); difficulty: the rows' bucket column, if they have one.
 
-        thinking/rate                    completions whose <think> has text (the others: NoThinking)
+        thinking/rate                    completions whose <think> has text
+        thinking/skip_rate               completions whose <think> is empty (AdaptThink's NoThinking)
         thinking/length/think|no_think   mean length by that mode
         thinking/tag_rate/easy           completions that open with [Easy] (AdaCtrl's budget tag)
         thinking/length/easy_tag|hard_tag|no_tag   mean length by the opening tag
@@ -509,6 +510,7 @@ def thinking_stats(completions, lengths, correct, difficulty=None):
         m = THINK_RE.search(c)
         thinks = bool(m and m.group(1).strip())
         add("thinking/rate", thinks)
+        add("thinking/skip_rate", bool(m) and not thinks)
         add(f"thinking/length/{'think' if thinks else 'no_think'}", n)
         tag = BUDGET_TAG_RE.match(c)
         add("thinking/tag_rate/easy", bool(tag) and tag.group(1).lower() == "easy")

@@ -52,7 +52,7 @@ def test_thinking_stats_hand_values():
              "<think>3+4=8</think><answer>8</answer>", "[easy]<think> </think><answer>9</answer>"]
     lengths, correct = [10, 20, 30, 12], [1.0, 1.0, 0.0, None]
     s = rewards.thinking_stats(comps, lengths, correct, ["easy", "hard", "hard", "easy"])
-    assert s["thinking/rate"] == (2.0, 4)
+    assert s["thinking/rate"] == (2.0, 4) and s["thinking/skip_rate"] == (2.0, 4)   # the 3rd thinks, 4th skips
     assert s["thinking/length/think"] == (50.0, 2) and s["thinking/length/no_think"] == (22.0, 2)
     assert s["thinking/tag_rate/easy"] == (2.0, 4)
     assert s["thinking/length/easy_tag"] == (22.0, 2) and s["thinking/length/hard_tag"] == (20.0, 1)
