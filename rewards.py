@@ -113,12 +113,19 @@ def make_countdown(rng, count=3):
                            {"numbers": nums, "target": target})
 
 
-def make_calc(rng, full_share=0.5):
+def make_calc(rng, full_share=0.25):
     """a*b+c with two-digit numbers: a product the tiny model cannot form in its head, so a calculator
-    (tools.py) is the difference. The teacher uses it imperfectly: in half of its traces it computes the
-    whole expression with the tool; in the other half only the product, then adds c in its head (right
-    in the trace, but a hard step for the model to imitate). RL has to learn to hand the tool everything."""
-    a, b, c = (rng.randint(10, 99) for _ in range(3))
+    (tools.py) is the difference. The teacher uses it imperfectly: in full_share of its traces it computes
+    the whole expression with the tool; in the rest only the product, then adds c in its head (right in the
+    trace, but a step the model imitates badly), so greedy decoding after SFT takes the weaker habit and RL
+    has to learn to hand the tool everything. a*b >= 1000, so every product and total has 4 digits: copying
+    a tool output is then always the same distance back (9 tokens from <o>'s digit to the answer's), a
+    fixed-offset attention the tiny model learns within the default 1,000 SFT steps; with 3- and 4-digit
+    outputs mixed, that copy appeared on some seeds only, late and suddenly."""
+    while True:
+        a, b, c = (rng.randint(10, 99) for _ in range(3))
+        if a * b >= 1000:
+            break
     product, total = a * b, a * b + c
     if rng.random() < full_share:
         trace = f"<c>{a}*{b}+{c}</c><o>{total}</o><answer>{total}</answer>"
@@ -167,8 +174,10 @@ def make_adapt(rng, easy_share=0.8, think_easy=0.6, forced_share=0.0):
 
 TASKS = {"add": make_addition, "add2": lambda rng: make_addition(rng, digits=2), "countdown": make_countdown,
          "calc": make_calc, "adapt": make_adapt}
-# a task whose cold-start traces differ from its RL prompts: sft.py draws these instead
-COLD_START = {"adapt": lambda rng: make_adapt(rng, forced_share=0.3)}
+# a task whose cold-start traces differ from its RL prompts: sft.py draws these instead. adapt: 70% hard
+# problems (RL and the held-out set: 20%), because at 20% the 1,000-step cold start learned the carrying
+# scratchpad on ~10% of the hard problems only, and thinking that does not pay is what RL then drops
+COLD_START = {"adapt": lambda rng: make_adapt(rng, easy_share=0.3, forced_share=0.3)}
 HELD_OUT_SEED = 1_000_003  # one fixed evaluation set for every run and every seed
 
 
@@ -488,6 +497,34 @@ def budget_tag_reward(easy_threshold=0.625, r_consistent=1.0, r_inconsistent=0.0
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
+def no_thinking_bonus(delta=0.05):
+    """AdaptThink's constrained objective (Zhang et al. 2025, "AdaptThink: Reasoning Models Can Learn When
+    to Think", arXiv 2505.13417, sec. 4.1): prefer NoThinking (an empty <think></think>) as long as accuracy
+    does not fall below the reference model's. The constraint E[R] >= E[R_ref] becomes a penalty, and
+    divided by its weight lambda the objective is, per sample,
+
+        delta * 1[thinking is empty] + R(x, y) - Rbar_ref(x),        delta = 1 / lambda (paper: 0.05)
+
+    so NoThinking wins on a problem exactly when it loses less than delta of accuracy there. This function
+    is the delta term: delta for a completion whose first <think>...</think> holds only whitespace, else 0
+    (no think block at all: 0, it did not choose NoThinking). Add it to `accuracy` (--reward-funcs
+    "accuracy,no_thinking(delta=0.05)"): R is the accuracy reward, and GRPO's group baseline takes the place
+    of Rbar_ref(x) (the paper's mean reward of 16 reference samples, computed before training); a per-prompt
+    constant would cancel in the group advantage anyway. Not reproduced: the paper's importance sampling
+    that forces half of each group into each mode (here the cold start already writes both). A maker
+    (REWARD_MAKERS "no_thinking")."""
+    if not (delta >= 0 and math.isfinite(delta)):
+        raise ValueError(f"delta must be a finite number >= 0, got {delta}")
+
+    def no_thinking(prompts, completions, **kw):
+        out = []
+        for c in completions:
+            m = THINK_RE.search(c)
+            out.append(delta if m is not None and not m.group(1).strip() else 0.0)
+        return out
+    return no_thinking
+
+
 def thinking_stats(completions, lengths, correct, difficulty=None):
     """What adaptive thinking changes, as {metric: (sum, count)} so that ranks can add them before the
     division (grpo.py logs sum / count). lengths: tokens per completion; correct: accuracy_reward's
@@ -701,7 +738,8 @@ REWARD_FUNCS = {"accuracy": accuracy_reward, "countdown": countdown_reward, "for
 # reward function. Each parameter named like a flag of the script (grpo.py's max_new_tokens) takes that
 # flag's value unless the spec gives it; the others take the spec's value or the maker's default.
 REWARD_MAKERS = {"soft_overlong": soft_overlong_punishment, "length_penalty": group_length_penalty,
-                 "cosine_length": cosine_length_reward, "budget_tag": budget_tag_reward}
+                 "cosine_length": cosine_length_reward, "budget_tag": budget_tag_reward,
+                 "no_thinking": no_thinking_bonus}
 
 
 # -----------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """The tool-use demonstration (README, "Tools inside the rollout"): the built-in calc task (a*b+c, two-digit
 numbers) over seeds, each run a plain command of this repo:
 
-    python sft.py  --task calc --tools calculator --steps 600 --seed S --out runs/tools/sft-sS
-    python grpo.py --task calc --tools calculator --init runs/tools/sft-sS --steps 20 --seed S --out runs/tools/grpo-tools-sS
-    python grpo.py --task calc                    --init runs/tools/sft-sS --steps 20 --seed S --out runs/tools/grpo-none-sS
-    python grpo.py --task calc --tools calculator --init scratch          --steps 20 --seed S --out runs/tools/grpo-scratch-sS
+    python sft.py  --task calc --tools calculator --seed S --out runs/tools/sft-sS
+    python grpo.py --task calc --tools calculator --init runs/tools/sft-sS --seed S --out runs/tools/grpo-tools-sS
+    python grpo.py --task calc                    --init runs/tools/sft-sS --seed S --out runs/tools/grpo-none-sS
+    python grpo.py --task calc --tools calculator --init scratch          --seed S --out runs/tools/grpo-scratch-sS
 
+(the default budgets: SFT 1,000 steps, GRPO 50 steps, as `python grpo.py`)
 then held-out greedy accuracy (200 problems; with the calculator for the tool runs, without it for the
 no-tool run) and ReTool's view of tool use on those completions: the share that call the tool, that hand it
 the whole expression, whose call errs, and whose <answer> is not the tool's last output.
@@ -19,6 +20,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,7 +29,9 @@ sys.path.insert(0, ROOT)
 def run(args, threads):
     cmd = [sys.executable, *args, "--threads", str(threads), "--eval-n", "200", "--save-every", "0"]
     print("$", " ".join(cmd[1:]), flush=True)
+    t = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"  {time.time() - t:.0f} s", flush=True)
 
 
 def tool_use(model_dir, tools_on):
@@ -62,12 +66,12 @@ def main():
     for s in a.seeds:
         d = lambda name: os.path.join(a.out, f"{name}-s{s}")
         common = ["--task", "calc", "--seed", str(s)]
-        run(["sft.py", *common, "--tools", "calculator", "--steps", "600", "--out", d("sft")], a.threads)
-        run(["grpo.py", *common, "--tools", "calculator", "--init", d("sft"), "--steps", "20", "--eval-every", "0",
+        run(["sft.py", *common, "--tools", "calculator", "--out", d("sft")], a.threads)
+        run(["grpo.py", *common, "--tools", "calculator", "--init", d("sft"), "--eval-every", "0",
              "--out", d("grpo-tools")], a.threads)
-        run(["grpo.py", *common, "--init", d("sft"), "--steps", "20", "--eval-every", "0", "--out", d("grpo-none")],
+        run(["grpo.py", *common, "--init", d("sft"), "--eval-every", "0", "--out", d("grpo-none")],
             a.threads)
-        run(["grpo.py", *common, "--tools", "calculator", "--init", "scratch", "--steps", "20", "--eval-every", "0",
+        run(["grpo.py", *common, "--tools", "calculator", "--init", "scratch", "--eval-every", "0",
              "--out", d("grpo-scratch")], a.threads)
         table[s] = {"sft (with the tool)": tool_use(d("sft"), True), "sft -> grpo with the tool": tool_use(d("grpo-tools"), True),
                     "sft -> grpo without it": tool_use(d("grpo-none"), False),

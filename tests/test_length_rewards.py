@@ -1,5 +1,5 @@
 """rewards.py's length-aware rewards (adaptive thinking): Kimi k1.5's group length penalty, Yeo et al.'s
-cosine length-scaled reward, AdaCtrl's budget tag. Every expected value is worked out by hand in a comment."""
+cosine length-scaled reward, AdaCtrl's budget tag, AdaptThink's NoThinking bonus. Every expected value is worked out by hand in a comment."""
 import math
 
 import pytest
@@ -159,13 +159,33 @@ def test_budget_tag_own_values_and_no_answer():
 
 
 # -----------------------------------------------------------------------------
+# no_thinking (AdaptThink)
+
+def test_no_thinking_bonus_hand_values():
+    f = rewards.no_thinking_bonus(delta=0.1)
+    comps = ["[Easy]<think></think><answer>5</answer>", "<think> \n</think><answer>5</answer>",   # empty: delta
+             done(5, "[Hard]"), "<answer>5</answer>",                                       # thinks / no block
+             "<think></think><answer>4</answer>"]                                           # wrong still gets it
+    assert f(["p"] * 5, comps) == [0.1, 0.1, 0.0, 0.0, 0.1]
+    # added to accuracy (the objective): on an easy group where both modes are right, NoThinking wins by
+    # delta; on a hard group, a wrong NoThinking answer (0 + 0.1) loses to a right scratchpad (1 + 0)
+    acc = rewards.accuracy_reward(None, comps[:3] + comps[4:], answer=["5"] * 4)
+    assert [a + b for a, b in zip(acc, f(None, comps[:3] + comps[4:]))] == pytest.approx([1.1, 1.1, 1.0, 0.1])
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="delta"):
+            rewards.no_thinking_bonus(delta=bad)
+
+
+# -----------------------------------------------------------------------------
 # --reward-funcs: each maker resolved by name, flags filling max_new_tokens
 
 def test_length_makers_resolve_by_name():
-    spec = "length_penalty,cosine_length,cosine_length(max_new_tokens=96,r_exceed=-5),budget_tag(easy_threshold=0.5)"
+    spec = ("length_penalty,cosine_length,cosine_length(max_new_tokens=96,r_exceed=-5),budget_tag(easy_threshold=0.5),"
+            "no_thinking(delta=0.2)")
     names, funcs = rewards.resolve(spec, {"max_new_tokens": 48, "num_generations": 4})
-    assert names == ["length_penalty", "cosine_length", "cosine_length", "budget_tag"]
-    lp, cos48, cos96, tag = funcs
+    assert names == ["length_penalty", "cosine_length", "cosine_length", "budget_tag", "no_thinking"]
+    lp, cos48, cos96, tag, nothink = funcs
+    assert nothink(None, ["<think></think><answer>1</answer>", done(1)]) == [0.2, 0.0]
     comps = [done(5, "[Easy]"), done(5, "[Hard]"), done(5), done(4, "[Easy]")]   # 3 of 4 correct
     kw = dict(answer=["5"] * 4, group=[0] * 4)
     # lengths 10, 20, 30, 40: lambda 0.5, 1/6, -1/6, -0.5; sample 3 is wrong: min(0, -0.5)
