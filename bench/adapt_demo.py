@@ -3,7 +3,12 @@ each run a plain command of this repo:
 
     python sft.py  --task adapt --seed S --out runs/adapt/sft-sS
     python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs accuracy --out runs/adapt/plain-sS
-    python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs accuracy,length_penalty --out runs/adapt/aware-sS
+    python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs "accuracy,no_thinking(delta=0.15)" \
+        --scale-rewards none --out runs/adapt/aware-sS
+
+(aware: AdaptThink's objective, accuracy + delta for an empty think, with Dr. GRPO's unscaled advantages:
+with std scaling, a group of right answers that differ only by delta gets advantages of +-1, so the bonus
+would outweigh accuracy on every easy-looking prompt instead of delta's worth)
 
 then on the 500 held-out problems, greedy: accuracy, mean completion length, length and accuracy by
 difficulty (easy: no carry; hard: a carry), the thinking rate, and the same with the mode forced in the
@@ -63,9 +68,9 @@ def main():
         common = ["--task", "adapt", "--seed", str(s)]
         if not a.measure_only:
             run(["sft.py", *common, "--out", d("sft")], a.threads)
-            for name, funcs in (("plain", "accuracy"), ("aware", "accuracy,length_penalty")):
-                run(["grpo.py", *common, "--init", d("sft"), "--steps", str(a.steps), "--reward-funcs", funcs,
-                     "--out", d(name)], a.threads)
+            for name, extra in (("plain", ["--reward-funcs", "accuracy"]),
+                                ("aware", ["--reward-funcs", "accuracy,no_thinking(delta=0.15)", "--scale-rewards", "none"])):
+                run(["grpo.py", *common, "--init", d("sft"), "--steps", str(a.steps), *extra, "--out", d(name)], a.threads)
         table[s] = {name: measure(d(name)) for name in ("sft", "plain", "aware")}
         print(json.dumps({s: table[s]}), flush=True)
     keys = [("accuracy", "accuracy", 100), ("mean_length", "length", 1),
