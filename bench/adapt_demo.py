@@ -14,7 +14,7 @@ then on the 500 held-out problems, greedy: accuracy, mean completion length, len
 difficulty (easy: no carry; hard: a carry), the thinking rate, and the same with the mode forced in the
 prompt (" [Easy]" / " [Hard]").
 
-    python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--threads 2] [--out runs/adapt]
+    python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--threads 2] [--out runs/adapt] [--plot docs/adapt_curves.svg]
 """
 import argparse
 import json
@@ -54,6 +54,22 @@ def measure(model_dir, n=500):
     return out
 
 
+def plot(out, seeds, path):
+    """Per GRPO step, mean over seeds: training accuracy, thinking rate and mean length / 40 tokens,
+    plain (dashed) against aware (solid)."""
+    from demo_table import svg_curve
+    series = []
+    for name, dashed in (("plain", True), ("aware", False)):
+        rows = [[json.loads(l) for l in open(os.path.join(out, f"{name}-s{s}", "metrics.jsonl"))] for s in seeds]
+        steps = min(len(r) for r in rows)
+        mean = lambda key, k: statistics.mean(r[k][key] for r in rows)
+        for label, key, scale, color in (("accuracy", "rewards/accuracy/mean", 1, "#2a7"),
+                                         ("thinking rate", "thinking/rate", 1, "#c50"),
+                                         ("length / 40 tokens", "completions/mean_length", 1 / 40, "#36c")):
+            series.append((f"{name}: {label}", color, [(k + 1, mean(key, k) * scale) for k in range(steps)], dashed))
+    svg_curve(series, path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -61,6 +77,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/adapt")
     ap.add_argument("--measure-only", action="store_true", help="measure runs already in --out")
+    ap.add_argument("--plot", default="", help="also draw the per-step curves into this .svg")
     a = ap.parse_args()
     table = {}
     for s in a.seeds:
@@ -88,6 +105,8 @@ def main():
             print(f"| {name} ({mode}) | " + " | ".join(cells) + " |")
     with open(os.path.join(a.out, "adapt_demo.json"), "w") as f:
         json.dump(table, f, indent=1)
+    if a.plot:
+        plot(a.out, a.seeds, a.plot)
 
 
 if __name__ == "__main__":
