@@ -98,6 +98,8 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    mode_prefixes: str = ""        # "A|B": a group's completions open with these, forced, in equal shares, each
+                                   # reweighted to the policy (AdaptThink's importance sampling; mode_prefixes())
     rollout_engine: str = "auto"   # rollout.py: auto (CUDA graph on a GPU, simple loop on CPU) | simple | static | graph
     tools: str = ""                # a tool the model may call while it reasons (tools.py): calculator | python |
                                    # module:function; empty = none (the built-in calc task wants calculator)
@@ -200,6 +202,7 @@ def check_config(cfg):
         (cfg.num_iterations >= 1, f"--num-iterations must be >= 1, got {cfg.num_iterations}"),
         (cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}"),
         one_of("kl-estimator", cfg.kl_estimator, ("k1", "k2", "k3")),
+        *mode_prefix_checks(cfg),
         (cfg.max_resample >= 0, f"--max-resample must be >= 0, got {cfg.max_resample}"),
         (0 <= cfg.overlong_cache <= cfg.max_new_tokens,
          f"--overlong-cache must be in [0, --max-new-tokens {cfg.max_new_tokens}], got {cfg.overlong_cache}"),
@@ -365,16 +368,51 @@ def schedule_problem(cfg):
     return None
 
 
+def mode_prefix_checks(cfg):
+    k = len(cfg.mode_prefixes.split("|")) if cfg.mode_prefixes else 0
+    return [] if not k else [
+        (k >= 2 and all(cfg.mode_prefixes.split("|")), f"--mode-prefixes wants two or more non-empty prefixes "
+                                                       f"separated by |, got {cfg.mode_prefixes!r}"),
+        (cfg.num_generations % k == 0, f"--mode-prefixes: --num-generations {cfg.num_generations} must be a "
+                                       f"multiple of the {k} prefixes (equal shares in every group)"),
+        (cfg.rollout_correction != "none", "--mode-prefixes forces tokens the policy did not sample: use it with "
+                                           "--rollout-correction tis, which reweights them to the policy"),
+        (cfg.rollout_correction_cap >= k, f"--mode-prefixes: the weights of forced tokens reach {k}; "
+                                          f"--rollout-correction-cap must be >= {k}")]
+
+
+def mode_prefixes(cfg, tok):
+    """--mode-prefixes -> [(ids, log-probs)] per prefix, or None. AdaptThink's importance sampling (Zhang et
+    al. 2025, 2505.13417): an on-policy model that never skips thinking never samples the NoThinking mode,
+    so it can never learn that the mode pays. Sample j of a group opens with prefix j mod k instead, so
+    every group holds each mode G/k times, and the behaviour policy of those tokens is the uniform mixture
+    pi_IS: at each token of prefix p, the share of the prefixes that agree with p so far among those that
+    agreed one token earlier (1/k at the token where k distinct prefixes part, 1 before and after). Those
+    log pi_IS are the sampler's log-probs, so --rollout-correction tis weighs each forced token by
+    pi_theta / pi_IS (<= k), the IS gradient of AdaptThink's loss (unclipped: the weight is detached).
+    The prefixes must have the same number of tokens (rollout.opened's layout)."""
+    if not cfg.mode_prefixes:
+        return None
+    ids = [tok(p, add_special_tokens=False).input_ids for p in cfg.mode_prefixes.split("|")]
+    if len({len(i) for i in ids}) != 1 or min([cfg.max_new_tokens, *(t for _, t in parse_schedule(cfg.length_schedule))]) <= len(ids[0]):
+        raise ConfigError(f"--mode-prefixes {cfg.mode_prefixes!r}: the prefixes must have the same number of "
+                          f"tokens, fewer than every completion limit; they have {[len(i) for i in ids]}")
+    agree = lambda p, t: sum(q[:t] == p[:t] for q in ids)         # prefixes equal to p on its first t tokens
+    return [(p, [math.log(agree(p, t + 1) / agree(p, t)) for t in range(len(p))]) for p in ids]
+
+
 def sample_and_score(cfg, model, tok, rows, funcs, weights, fn_metrics, limit, tool=None):
     """G completions (at most `limit` tokens) for each row's prompt from the current policy, scored by
     every reward function."""
     G = cfg.num_generations
     prompts = [r["prompt"] for r in rows for _ in range(G)]           # each prompt G times, grouped
     ids = [encode_prompt(tok, p) for p in prompts]
+    modes = mode_prefixes(cfg, tok)
     model.eval()
     with dist.gathered(model):  # --fsdp: whole weights while decoding (ranks stop at different steps)
         roll = generate(model, tok, ids, limit, cfg.temperature, cfg.top_k, cfg.top_p,
-                        engine=dist.rollout_engine(model, cfg.rollout_engine), tools=tool)
+                        engine=dist.rollout_engine(model, cfg.rollout_engine), tools=tool,
+                        prefixes=modes and [modes[i % G % len(modes)] for i in range(len(ids))])
     model.train()
     comp_ids = [row[m.bool()].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
     texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
@@ -857,6 +895,7 @@ def main(cfg):
     model, tok = run.load_model(sft.cold_start(cfg, GRPOConfig.init), device, cfg)
     prompts_src = Prompts(cfg, tok, names, context_length(model))  # JSONL is checked here, before training
     tool = tools.build(cfg, tok)                                    # --tools: called inside the rollouts
+    mode_prefixes(cfg, tok)                                         # --mode-prefixes: checked before training
     held = E.HeldOut(cfg, tok, E.criterion(cfg, funcs[0]), cfg.max_prompt_length, cfg.max_new_tokens,
                      cfg.temperature, tool)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta != 0.0 else None  # frozen start

@@ -164,12 +164,18 @@ def finish(prompt_ids, prompt_mask, completion, logps, eos_id, forced=None, tool
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
-             engine="auto", tools=None):
+             engine="auto", tools=None, prefixes=None):
     """Sample one completion per prompt (repeat prompts for G samples each). prompts: list of id lists.
     engine: auto | simple | static | graph (see the module docstring). tools: a tools.Tools, or None;
-    with tools the simple engine runs (auto picks it; static / graph refuse them)."""
+    with tools the simple engine runs (auto picks it; static / graph refuse them). prefixes: per row,
+    (token ids, log-probs), n tokens in every row, that the completion opens with: the model did not
+    sample them, yet they are completion tokens, in the loss, with those log-probs as the sampler's
+    (grpo.py --mode-prefixes); the rest of the completion is at most max_new_tokens - n tokens."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefixes is not None:
+        return opened(model, tok, prompts, max_new_tokens, prefixes, dict(
+            temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, engine=engine, tools=tools))
     device = next(model.parameters()).device
     eos, pad = tok.eos_token_id, tok.pad_token_id
     # Masking the pad token when it is also the EOS would forbid stopping (check_tokenizer refuses
@@ -193,6 +199,24 @@ def generate(model, tok, prompts, max_new_tokens, temperature=1.0, top_k=0, top_
                              use_graph=engine == "graph")
         completion, logps = dec.run(prompt_ids, prompt_mask)
     return finish(prompt_ids, prompt_mask, completion, logps, eos)
+
+
+def opened(model, tok, prompts, max_new_tokens, prefixes, kw):
+    """generate() with each completion opening with its row's prefix: the prefix is decoded as the end of
+    the prompt, then the boundary moves n columns left. Equal lengths keep the left-padded layout: every
+    prompt still ends at one column, P - n - 1."""
+    n = len(prefixes[0][0])
+    if any(len(ids) != n or len(lp) != n for ids, lp in prefixes) or len(prefixes) != len(prompts):
+        raise ValueError("prefixes: one (ids, log-probs) per prompt, with the same number of tokens in every row")
+    if max_new_tokens <= n:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room after a {n}-token prefix")
+    r = generate(model, tok, [q + list(ids) for q, (ids, _) in zip(prompts, prefixes)], max_new_tokens - n, **kw)
+    dev, B = r.input_ids.device, len(prompts)
+    ones = torch.ones(B, n, dtype=r.completion_mask.dtype, device=dev)
+    logp = torch.tensor([lp for _, lp in prefixes], dtype=r.logprobs.dtype, device=dev)     # (B, n)
+    return Rollout(r.input_ids, r.attention_mask, torch.cat([ones, r.completion_mask], 1),
+                   torch.cat([logp, r.logprobs], 1), r.truncated, r.prompt_len - n,
+                   torch.cat([ones, r.loss_mask], 1), r.tool_stats)
 
 
 def resolve_engine(model, engine, device):

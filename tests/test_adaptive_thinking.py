@@ -1,8 +1,11 @@
 """Adaptive thinking: the built-in adapt task (budget tags, a NoThinking mode, prompts that force a mode),
 rewards.thinking_stats by hand, and grpo.py logging the thinking/* metrics of a step from its own texts."""
 import json
+import math
 import os
 import random
+
+import pytest
 
 import grpo
 import rewards
@@ -85,3 +88,78 @@ def test_no_thinking_metrics_on_a_plain_task(tmp_path):
                               max_new_tokens=4, eval_n=0, sample_every=0, threads=TEST_THREADS, save_every=0))
     m = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert m["completions/mean_length"] > 0 and not [k for k in m if k.startswith("thinking/")]
+
+
+def test_mode_prefix_logprobs_are_the_uniform_mixture(tok):
+    """pi_IS by hand: [Easy] and [Hard] share '[' (log 1) and part at the next token (log 1/2); of ab|ac|bd,
+    ab agrees with 2 of 3 on 'a' (log 2/3), then with 1 of those 2 (log 1/2): each prefix has mass 1/3."""
+    cfg = grpo.GRPOConfig(mode_prefixes="[Easy]|[Hard]", rollout_correction="tis")
+    (easy, le), (hard, lh) = grpo.mode_prefixes(cfg, tok)
+    assert tok.decode(easy) == "[Easy]" and tok.decode(hard) == "[Hard]"
+    assert le == lh == [0.0, math.log(0.5), 0.0, 0.0, 0.0, 0.0]
+    three = grpo.mode_prefixes(grpo.GRPOConfig(mode_prefixes="ab|ac|bd", rollout_correction="tis",
+                                               rollout_correction_cap=3.0, num_generations=6), tok)
+    assert [lp for _, lp in three] == [[math.log(2 / 3), math.log(0.5)]] * 2 + [[math.log(1 / 3), 0.0]]
+    assert sum(math.exp(sum(lp)) for _, lp in three) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (dict(mode_prefixes="[Easy]|[Hard]"), "--rollout-correction tis"),
+    (dict(mode_prefixes="[Easy]|[Hard]", rollout_correction="tis", num_generations=3), "multiple"),
+    (dict(mode_prefixes="[Easy]", rollout_correction="tis"), "two or more"),
+    (dict(mode_prefixes="a|b|c|d", rollout_correction="tis"), "cap must be >= 4")])
+def test_mode_prefix_flags_that_cannot_work(flags, says):
+    problems = [msg for ok, msg in grpo.check_config(grpo.GRPOConfig(**flags)) if not ok]
+    assert problems and says in problems[0]
+
+
+def test_mode_prefixes_of_different_lengths_are_refused(tok):
+    for spec, limit in (("[Easy]|<think>", 48), ("[Easy]|[Hard]", 6)):
+        with pytest.raises(grpo.ConfigError, match="same number of tokens"):
+            grpo.mode_prefixes(grpo.GRPOConfig(mode_prefixes=spec, rollout_correction="tis", max_new_tokens=limit), tok)
+
+
+def test_opened_rollout_is_the_prefix_then_what_generate_writes_after_it(tiny):
+    """The completion is the row's prefix, then the greedy continuation of prompt + prefix: the same call on
+    the same shapes, so equal exactly; the prefix is in both masks with the given log-probs."""
+    import torch
+    from rollout import generate
+    tiny, tok = tiny
+    prompts = [tok("12+34", add_special_tokens=False).input_ids, tok("5+6", add_special_tokens=False).input_ids]
+    pre = [(tok("[E", add_special_tokens=False).input_ids, [0.0, -0.5]),
+           (tok("[H", add_special_tokens=False).input_ids, [0.0, -0.5])]
+    r = generate(tiny, tok, prompts, 8, greedy=True, prefixes=pre)
+    plain = generate(tiny, tok, [p + ids for p, (ids, _) in zip(prompts, pre)], 6, greedy=True)
+    assert torch.equal(r.input_ids, plain.input_ids) and r.prompt_len == plain.prompt_len - 2
+    assert [tok.decode(c[:2]) for c in r.completion_ids] == ["[E", "[H"]
+    assert torch.equal(r.completion_mask[:, 2:], plain.completion_mask) and r.completion_mask[:, :2].eq(1).all()
+    assert torch.equal(r.loss_mask, r.completion_mask)
+    assert r.logprobs[:, :2].tolist() == [[0.0, -0.5]] * 2 and torch.equal(r.logprobs[:, 2:], plain.logprobs)
+    with pytest.raises(ValueError, match="no room"):
+        generate(tiny, tok, prompts, 2, greedy=True, prefixes=pre)
+
+
+def test_mode_prefixes_teach_a_mode_the_policy_never_samples(tmp_path, tok):
+    """An untrained model gives '[' ~1/V, so on-policy GRPO never sees "[E" and cannot learn that it pays.
+    With --mode-prefixes "[E|[H" every group holds both, half each, and the IS-weighted gradient raises
+    log pi(E | '[') - log pi(H | '['), the choice itself (what the greedy policy would take after '[')."""
+    import torch
+    from data import encode_prompt
+    from model import load
+    out = str(tmp_path / "g")
+    cfg = grpo.GRPOConfig(task="add2", init="scratch", out=out, steps=6, num_prompts=4, num_generations=4,
+                          max_new_tokens=4, eval_n=0, sample_every=1, threads=TEST_THREADS, save_every=0, lr=3e-3,
+                          reward_funcs="toy_rewards:opens_easy", mode_prefixes="[E|[H", rollout_correction="tis")
+    trained = grpo.main(cfg)[0]
+    samples = [json.loads(l) for l in open(os.path.join(out, "samples.jsonl"))]
+    assert samples and all(s["completion"].startswith(("[E", "[H")) for s in samples)
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(r["rewards/toy_rewards:opens_easy/mean"] == 0.5 for r in rows)   # exactly half of every group
+
+    def preference(model):   # mean over prompts of log pi(E | prompt, '[') - log pi(H | prompt, '[')
+        E_, H_, B_ = (tok.convert_tokens_to_ids(c) for c in "EH[")
+        ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": q}]) + [B_] for q in ("12+34", "56+78")])
+        lp = torch.log_softmax(model(input_ids=ids).logits[:, -1].float(), -1)
+        return float((lp[:, E_] - lp[:, H_]).mean())
+    start, _ = load("tiny", seed=0)          # --init scratch at --seed 0: the model the run started from
+    assert preference(trained) > preference(start) + 1.0

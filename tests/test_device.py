@@ -105,6 +105,18 @@ def test_grpo_runs_on_a_device(tmp_path, device, kernels_mode):
         assert device.reached == []
 
 
+def test_grpo_mode_prefixes_on_a_device(tmp_path, device):
+    """--mode-prefixes: the forced prefix's log-probs and masks are made on the rollout's device and join its
+    tensors there (rollout.opened), then the rollout correction weighs them (static engine, as on a GPU)."""
+    model, _, _ = grpo.main(grpo.GRPOConfig(
+        device=device.name, init="scratch", out=str(tmp_path / "grpo"), steps=2, num_prompts=2, num_generations=4,
+        max_new_tokens=6, eval_n=0, eval_every=0, sample_every=1, save_every=0, threads=TEST_THREADS,
+        reward_funcs="toy_rewards:opens_easy", mode_prefixes="[E|[H", rollout_correction="tis", rollout_engine="static"))
+    assert on_device(model)
+    ms = metrics(tmp_path / "grpo" / "metrics.jsonl")
+    assert [m["rewards/toy_rewards:opens_easy/mean"] for m in ms] == [0.5, 0.5] and all(math.isfinite(m["grad_norm"]) for m in ms)
+
+
 @pytest.mark.parametrize("kernels_mode", ["off", "auto"])
 def test_sft_runs_on_a_device(tmp_path, device, kernels_mode):
     """Two SFT steps, a checkpoint and the held-out evaluation (greedy rollouts, rewards)."""

@@ -33,3 +33,8 @@ def short_correct(max_new_tokens, alpha=0.5):
         return [None if r is None else r * (1 - alpha * len(ids) / max_new_tokens)
                 for r, ids in zip(right, completion_ids)]
     return reward
+
+
+def opens_easy(prompts, completions, completion_ids=None, **kw):
+    """1 for a completion that opens with "[E", else 0: the mode an untrained model never picks by itself."""
+    return [1.0 if c.startswith("[E") else 0.0 for c in completions]
