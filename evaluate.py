@@ -123,6 +123,18 @@ def score(reward_fn, rows, completions, k=1):
     return [x if x == x else 0.0 for x in values]   # NaN: abstained
 
 
+def thinking(rows, completions, scores, tok):
+    """Adaptive thinking on these completions (rewards.thinking_stats) as {metric: mean}: thinking rate,
+    length by mode, tag and difficulty, accuracy (score >= 1) by difficulty, and mean_length; {} when no row
+    has a difficulty column. Lengths: the completion re-encoded, + 1 for its EOS."""
+    if not any(r.get("difficulty") for r in rows):
+        return {}
+    lengths = [len(tok(c, add_special_tokens=False).input_ids) + 1 for c in completions]
+    stats = rewards.thinking_stats(completions, lengths, [float(s >= 1.0) for s in scores],
+                                   [r.get("difficulty") for r in rows])
+    return {"mean_length": sum(lengths) / len(lengths), **{k: v / n for k, (v, n) in stats.items()}}
+
+
 @torch.no_grad()
 def complete(model, tok, rows, k, max_new_tokens, temperature, batch_size, greedy, engine="auto", tools=None):
     """Decoded completions, row by row, k per row (greedy: k = 1); with tools (tools.Tools) the model calls
@@ -193,7 +205,8 @@ class HeldOut:
         return bool(self.rows)
 
     def __call__(self, model, tok, step, logs=None):
-        """-> the metrics of this evaluation: held_out_accuracy (+ held_out/pass@k, held_out/mean@k); two
+        """-> the metrics of this evaluation: held_out_accuracy (+ held_out/pass@k, held_out/mean@k; rows with a
+        difficulty column: held_out/mean_length and held_out/thinking/*, of the greedy completions); two
         scored completions go to logs.samples (samples.jsonl) when logs are given."""
         # the k samples draw from a generator of their own: evaluating never moves training's streams
         devices = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
@@ -202,7 +215,9 @@ class HeldOut:
             result, greedy = evaluate(model, tok, self.rows, self.reward_fn, self.max_new_tokens, self.samples,
                                       self.temperature, engine=dist.rollout_engine(model), tools=self.tools)
         m = {"held_out_accuracy": result["accuracy"],
-             **{f"held_out/{k}": v for k, v in result.items() if k.startswith(("pass@", "mean@"))}}
+             **{f"held_out/{k}": v for k, v in result.items() if k.startswith(("pass@", "mean@"))},
+             **{f"held_out/{k}": v for k, v in thinking(self.rows, [c for _, c, _ in greedy],
+                                                        [s for _, _, s in greedy], tok).items()}}
         self.history.append({"step": step, **m})
         self.shown = [{"step": step, "eval": True, "prompt": rewards._prompt_text(r["prompt"]), "completion": c,
                        "score": s} for r, c, s in greedy[:2]]

@@ -46,6 +46,8 @@ Algorithmic choices (each a flag; the defaults and where they come from):
 6. DAPO options: --mask-truncated-completions (overlong filtering), --dynamic-sampling (drop groups
    whose rewards are all equal, sample more until the batch is full or --max-resample rounds are
    spent), --overlong-cache L (soft overlong punishment over the last L tokens).
+7. --mode-prefixes "[Easy]|[Hard]" with --rollout-correction tis: AdaptThink's importance sampling, every
+   group holds each mode G/k times, forced, reweighted to the policy (mode_prefixes).
 
 Why the loss is ~0 on-policy. With --num-iterations 1 the policy that sampled the batch is the
 policy being trained, so rho = pi_theta / pi_old = 1 exactly (old log-probs are the detached

@@ -5,14 +5,18 @@ each run a plain command of this repo:
     python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs accuracy --out runs/adapt/plain-sS
     python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs "accuracy,no_thinking(delta=0.15)" \
         --scale-rewards none --out runs/adapt/aware-sS
+    python grpo.py ... (as aware) --mode-prefixes "[Easy]|[Hard]" --rollout-correction tis --out runs/adapt/adaptthink-sS
 
-(aware: AdaptThink's objective, accuracy + delta for an empty think, with Dr. GRPO's unscaled advantages:
-with std scaling, a group of right answers that differ only by delta gets advantages of +-1, so the bonus
-would outweigh accuracy on every easy-looking prompt instead of delta's worth)
+aware: AdaptThink's objective, accuracy + delta for an empty think, with Dr. GRPO's unscaled advantages
+(with std scaling, a group of right answers that differ only by delta gets advantages of +-1, so the bonus
+would outweigh accuracy on every easy-looking prompt instead of delta's worth). adaptthink: the same with
+AdaptThink's importance sampling, half of every group forced into each mode, so the choice is learned even
+where the cold start hardly ever skips thinking.
 
-then on the 500 held-out problems, greedy: accuracy, mean completion length, length and accuracy by
+Then on the 500 held-out problems, greedy: accuracy, mean completion length, length and accuracy by
 difficulty (easy: no carry; hard: a carry), the thinking rate, and the same with the mode forced in the
-prompt (" [Easy]" / " [Hard]").
+prompt (" [Easy]" / " [Hard]"), and on free prompts with the completion pre-filled with "[Easy]" (the
+direct answers the policy gives when it picks NoThinking itself); each run's numbers are kept in its directory (adapt_measure.json).
 
     python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--threads 2] [--out runs/adapt] [--plot docs/adapt_curves.svg]
 """
@@ -33,11 +37,21 @@ def run(args, threads):
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+RUNS = {"plain": ["--reward-funcs", "accuracy"],
+        "aware": ["--reward-funcs", "accuracy,no_thinking(delta=0.15)", "--scale-rewards", "none"]}
+RUNS["adaptthink"] = RUNS["aware"] + ["--mode-prefixes", "[Easy]|[Hard]", "--rollout-correction", "tis"]
+
+
 def measure(model_dir, n=500):
-    """Greedy held-out completions, free and with each mode forced -> {mode: metrics}."""
+    """Greedy held-out completions, free and with each mode forced -> {mode: metrics}, kept in model_dir."""
+    path = os.path.join(model_dir, "adapt_measure.json")
+    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(os.path.join(model_dir, "model.safetensors")):
+        return json.load(open(path))
     import evaluate as E
     import rewards
+    from data import encode_prompt
     from model import load
+    from rollout import generate
     model, tok = load(model_dir)
     out = {}
     for force in ("", " [Easy]", " [Hard]"):
@@ -45,28 +59,35 @@ def measure(model_dir, n=500):
         for r in rows:
             r["prompt"] = [{"role": "user", "content": r["prompt"][0]["content"] + force}]
         comps = E.complete(model, tok, rows, 1, 48, 1.0, 250, greedy=True)
-        lengths = [len(tok(c, add_special_tokens=False).input_ids) + 1 for c in comps]   # + EOS
         correct = E.score(rewards.accuracy_reward, rows, comps)
-        s = rewards.thinking_stats(comps, lengths, correct, [r["difficulty"] for r in rows])
-        m = {k: v / c for k, (v, c) in s.items()}
-        m.update(accuracy=sum(correct) / n, mean_length=sum(lengths) / n)
-        out[force.strip() or "free"] = m
+        out[force.strip() or "free"] = {"accuracy": sum(correct) / n, **E.thinking(rows, comps, correct, tok)}
+    # NoThinking on free prompts: the completion pre-filled with [Easy] (what the policy gets when it picks it)
+    pre, rows = tok(rewards.EASY_TAG, add_special_tokens=False).input_ids, E.builtin_rows("adapt", n)
+    roll = generate(model, tok, [encode_prompt(tok, r["prompt"]) for r in rows], 48, greedy=True,
+                    prefixes=[(pre, [0.0] * len(pre))] * n)
+    comps = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
+    correct = E.score(rewards.accuracy_reward, rows, comps)
+    out["prefilled"] = {"accuracy": sum(correct) / n, **E.thinking(rows, comps, correct, tok)}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
     return out
 
 
 def plot(out, seeds, path):
-    """Per GRPO step, mean over seeds: training accuracy, thinking rate and mean length / 40 tokens,
-    plain (dashed) against aware (solid)."""
+    """Held-out greedy accuracy, thinking rate and mean length / 40 tokens at every --eval-every step (the
+    runs' result.json), mean over seeds: plain (dashed) against adaptthink (solid). The training batch's
+    thinking/* would show adaptthink's forced half-and-half, not the policy's own choice."""
     from demo_table import svg_curve
     series = []
-    for name, dashed in (("plain", True), ("aware", False)):
-        rows = [[json.loads(l) for l in open(os.path.join(out, f"{name}-s{s}", "metrics.jsonl"))] for s in seeds]
-        steps = min(len(r) for r in rows)
-        mean = lambda key, k: statistics.mean(r[k][key] for r in rows)
-        for label, key, scale, color in (("accuracy", "rewards/accuracy/mean", 1, "#2a7"),
-                                         ("thinking rate", "thinking/rate", 1, "#c50"),
-                                         ("length / 40 tokens", "completions/mean_length", 1 / 40, "#36c")):
-            series.append((f"{name}: {label}", color, [(k + 1, mean(key, k) * scale) for k in range(steps)], dashed))
+    for name, dashed in (("plain", True), ("adaptthink", False)):
+        hist = [json.load(open(os.path.join(out, f"{name}-s{s}", "result.json")))["history"] for s in seeds]
+        steps = min(len(h) for h in hist)
+        mean = lambda key, k: statistics.mean(h[k][key] for h in hist)
+        for label, key, scale, color in (("accuracy", "held_out_accuracy", 1, "#2a7"),
+                                         ("thinking rate", "held_out/thinking/rate", 1, "#c50"),
+                                         ("length / 40 tokens", "held_out/mean_length", 1 / 40, "#36c")):
+            series.append((f"{name}: {label}", color, [(hist[0][k]["step"], mean(key, k) * scale)
+                                                       for k in range(steps)], dashed))
     svg_curve(series, path)
 
 
@@ -85,10 +106,9 @@ def main():
         common = ["--task", "adapt", "--seed", str(s)]
         if not a.measure_only:
             run(["sft.py", *common, "--out", d("sft")], a.threads)
-            for name, extra in (("plain", ["--reward-funcs", "accuracy"]),
-                                ("aware", ["--reward-funcs", "accuracy,no_thinking(delta=0.15)", "--scale-rewards", "none"])):
+            for name, extra in RUNS.items():
                 run(["grpo.py", *common, "--init", d("sft"), "--steps", str(a.steps), *extra, "--out", d(name)], a.threads)
-        table[s] = {name: measure(d(name)) for name in ("sft", "plain", "aware")}
+        table[s] = {name: measure(d(name)) for name in ("sft", *RUNS)}
         print(json.dumps({s: table[s]}), flush=True)
     keys = [("accuracy", "accuracy", 100), ("mean_length", "length", 1),
             ("thinking/accuracy/easy", "acc easy", 100), ("thinking/accuracy/hard", "acc hard", 100),
@@ -96,13 +116,19 @@ def main():
             ("thinking/rate", "thinks", 100)]
     print("\n| run (mode) | " + " | ".join(k[1] for k in keys) + " |")
     print("|---|" + "---|" * len(keys))
-    for name in ("sft", "plain", "aware"):
-        for mode in ("free", "[Easy]", "[Hard]"):
+    for name in ("sft", *RUNS):
+        for mode in ("free", "[Easy]", "[Hard]", "prefilled"):
             cells = []
             for k, _, scale in keys:
                 vals = [table[s][name][mode].get(k, float("nan")) * scale for s in a.seeds]
                 cells.append(f"{statistics.mean(vals):.1f} ({', '.join(f'{v:.1f}' for v in vals)})")
             print(f"| {name} ({mode}) | " + " | ".join(cells) + " |")
+    free = lambda name, key: [table[s][name]["free"][key] for s in a.seeds]
+    for name in [n for n in RUNS if n != "plain"]:   # the targets: length -40% or more, accuracy within 1 point
+        dl = [100 * (x / p - 1) for x, p in zip(free(name, "mean_length"), free("plain", "mean_length"))]
+        da = [100 * (x - p) for x, p in zip(free(name, "accuracy"), free("plain", "accuracy"))]
+        print(f"{name} vs plain, free prompts: length {statistics.mean(dl):+.1f}% ({', '.join(f'{v:+.1f}' for v in dl)}),"
+              f" accuracy {statistics.mean(da):+.1f} points ({', '.join(f'{v:+.1f}' for v in da)})")
     with open(os.path.join(a.out, "adapt_demo.json"), "w") as f:
         json.dump(table, f, indent=1)
     if a.plot:

@@ -18,7 +18,7 @@ def test_carries_by_hand():
 
 def test_adapt_problems_and_cold_start_traces():
     """Free problems: easy ones have no carry, hard ones one or more; the answer is right, the trace opens with
-    the tag of its mode; the cold start draws 70% hard problems (so the scratchpad is learned), forces a mode in
+    the tag of its mode; the cold start draws 50% hard problems (so the scratchpad is learned), forces a mode in
     ~30% of prompts, and the teacher obeys it. Shares from 1,000-2,000 draws: binomial std <= 1.5%, bands ~3.5 std."""
     rng = random.Random(0)
     free = [rewards.make_adapt(rng) for _ in range(2000)]
@@ -37,7 +37,9 @@ def test_adapt_problems_and_cold_start_traces():
     cold = [rewards.COLD_START["adapt"](random.Random(i)) for i in range(1000)]
     forced = [p for p in cold if p.prompt != p.question]
     assert 0.25 < len(forced) / len(cold) < 0.35
-    assert 0.25 < sum(p.columns["difficulty"] == "easy" for p in cold) / len(cold) < 0.35   # cold start: 70% hard
+    assert 0.45 < sum(p.columns["difficulty"] == "easy" for p in cold) / len(cold) < 0.55   # cold start: 50% hard
+    free_easy = [p for p in cold if p.prompt == p.question and p.columns["difficulty"] == "easy"]
+    assert 0.4 < sum(p.trace.startswith("[Easy]") for p in free_easy) / len(free_easy) < 0.6  # half answered at once
     for p in forced:
         tag = p.prompt[len(p.question) + 1:]
         assert tag in ("[Easy]", "[Hard]") and p.trace.startswith(tag)
@@ -163,3 +165,25 @@ def test_mode_prefixes_teach_a_mode_the_policy_never_samples(tmp_path, tok):
         return float((lp[:, E_] - lp[:, H_]).mean())
     start, _ = load("tiny", seed=0)          # --init scratch at --seed 0: the model the run started from
     assert preference(trained) > preference(start) + 1.0
+
+
+def test_held_out_thinking_metrics_by_hand(tok):
+    """evaluate.thinking on greedy completions: lengths re-encoded + EOS, a score >= 1 counts as right."""
+    import evaluate as E
+    rows = [{"difficulty": "easy"}, {"difficulty": "hard"}]
+    comps = ["[Easy]<think></think><answer>7</answer>", "[Hard]<think>3+4=7</think><answer>7</answer>"]
+    m = E.thinking(rows, comps, [1.0, 0.0], tok)
+    n0, n1 = (len(tok(c, add_special_tokens=False).input_ids) + 1 for c in comps)   # + EOS
+    assert n1 - n0 == len("3+4=7")                                  # the scratchpad, one token per character
+    assert m["mean_length"] == (n0 + n1) / 2 and m["thinking/length/easy"] == n0 and m["thinking/length/hard"] == n1
+    assert m["thinking/rate"] == 0.5 and m["thinking/accuracy/easy"] == 1.0 and m["thinking/accuracy/hard"] == 0.0
+    assert E.thinking([{}, {}], comps, [1.0, 0.0], tok) == {}   # no difficulty column: nothing to bucket
+
+
+def test_grpo_held_out_logs_thinking(tmp_path):
+    out = str(tmp_path / "g")
+    _, _, summary = grpo.main(grpo.GRPOConfig(task="adapt", init="scratch", out=out, steps=1, num_prompts=2,
+                                              num_generations=2, max_new_tokens=8, eval_n=4, sample_every=0,
+                                              threads=TEST_THREADS, save_every=0))
+    for h in summary["history"]:                                   # before and after
+        assert 0.0 <= h["held_out/thinking/rate"] <= 1.0 and 1 <= h["held_out/mean_length"] <= 9
