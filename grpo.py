@@ -392,11 +392,13 @@ def mode_prefixes(cfg, tok):
     agreed one token earlier (1/k at the token where k distinct prefixes part, 1 before and after). Those
     log pi_IS are the sampler's log-probs, so --rollout-correction tis weighs each forced token by
     pi_theta / pi_IS (<= k), the IS gradient of AdaptThink's loss (unclipped: the weight is detached).
-    The prefixes must have the same number of tokens (rollout.opened's layout)."""
+    The prefixes must have the same number of tokens (rollout.opened's layout). mismatch/* count the forced
+    tokens too (their sampler log-prob is pi_IS's, not the policy's)."""
     if not cfg.mode_prefixes:
         return None
     ids = [tok(p, add_special_tokens=False).input_ids for p in cfg.mode_prefixes.split("|")]
-    if len({len(i) for i in ids}) != 1 or min([cfg.max_new_tokens, *(t for _, t in parse_schedule(cfg.length_schedule))]) <= len(ids[0]):
+    shortest_limit = min([cfg.max_new_tokens, *(t for _, t in parse_schedule(cfg.length_schedule))])
+    if len({len(i) for i in ids}) != 1 or shortest_limit <= len(ids[0]):
         raise ConfigError(f"--mode-prefixes {cfg.mode_prefixes!r}: the prefixes must have the same number of "
                           f"tokens, fewer than every completion limit; they have {[len(i) for i in ids]}")
     agree = lambda p, t: sum(q[:t] == p[:t] for q in ids)         # prefixes equal to p on its first t tokens
