@@ -390,8 +390,9 @@ def mode_prefixes(cfg, tok):
     every group holds each mode G/k times, and the behaviour policy of those tokens is the uniform mixture
     pi_IS: at each token of prefix p, the share of the prefixes that agree with p so far among those that
     agreed one token earlier (1/k at the token where k distinct prefixes part, 1 before and after). Those
-    log pi_IS are the sampler's log-probs, so --rollout-correction tis weighs each forced token by
-    pi_theta / pi_IS (<= k), the IS gradient of AdaptThink's loss (unclipped: the weight is detached).
+    log pi_IS are the sampler's log-probs, so --rollout-correction tis weighs the token where they part by
+    pi_theta / pi_IS (<= k), the IS gradient of AdaptThink's loss (unclipped: the weight is detached); the
+    forced tokens pi_IS was certain of stay out of the loss (rollout.generate says why).
     The prefixes must have the same number of tokens (rollout.opened's layout). mismatch/* count the forced
     tokens too (their sampler log-prob is pi_IS's, not the policy's)."""
     if not cfg.mode_prefixes:

@@ -168,9 +168,12 @@ def generate(model, tok, prompts, max_new_tokens, temperature=1.0, top_k=0, top_
     """Sample one completion per prompt (repeat prompts for G samples each). prompts: list of id lists.
     engine: auto | simple | static | graph (see the module docstring). tools: a tools.Tools, or None;
     with tools the simple engine runs (auto picks it; static / graph refuse them). prefixes: per row,
-    (token ids, log-probs), n tokens in every row, that the completion opens with: the model did not
-    sample them, yet they are completion tokens, in the loss, with those log-probs as the sampler's
-    (grpo.py --mode-prefixes); the rest of the completion is at most max_new_tokens - n tokens."""
+    (token ids, log-probs), n tokens in every row, that the completion opens with, with those log-probs as
+    the sampler's (grpo.py --mode-prefixes): completion tokens the model did not sample. Those drawn among
+    alternatives (log-prob < 0) are in the loss; those the sampler was certain of (log-prob 0) are not, like
+    a tool's output: trained with the advantage of a sample they did not choose, a forced token would be
+    pushed down wherever its mode loses on average, for every row of that mode, until the model no longer
+    writes it (measured: "[Easy]" became "[Eas1"). The rest of the completion: max_new_tokens - n tokens."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prefixes is not None:
@@ -214,9 +217,10 @@ def opened(model, tok, prompts, max_new_tokens, prefixes, kw):
     dev, B = r.input_ids.device, len(prompts)
     ones = torch.ones(B, n, dtype=r.completion_mask.dtype, device=dev)
     logp = torch.tensor([lp for _, lp in prefixes], dtype=r.logprobs.dtype, device=dev)     # (B, n)
+    chosen = (logp < 0).to(r.loss_mask.dtype)     # a token the sampler was certain of (log-prob 0) taught nothing
     return Rollout(r.input_ids, r.attention_mask, torch.cat([ones, r.completion_mask], 1),
                    torch.cat([logp, r.logprobs], 1), r.truncated, r.prompt_len - n,
-                   torch.cat([ones, r.loss_mask], 1), r.tool_stats)
+                   torch.cat([chosen, r.loss_mask], 1), r.tool_stats)
 
 
 def resolve_engine(model, engine, device):

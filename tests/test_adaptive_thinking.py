@@ -135,7 +135,8 @@ def test_opened_rollout_is_the_prefix_then_what_generate_writes_after_it(tiny):
     assert torch.equal(r.input_ids, plain.input_ids) and r.prompt_len == plain.prompt_len - 2
     assert [tok.decode(c[:2]) for c in r.completion_ids] == ["[E", "[H"]
     assert torch.equal(r.completion_mask[:, 2:], plain.completion_mask) and r.completion_mask[:, :2].eq(1).all()
-    assert torch.equal(r.loss_mask, r.completion_mask)
+    assert r.loss_mask[:, :2].tolist() == [[0.0, 1.0]] * 2        # '[' was certain: out of the loss; E / H chosen
+    assert torch.equal(r.loss_mask[:, 2:], plain.loss_mask)
     assert r.logprobs[:, :2].tolist() == [[0.0, -0.5]] * 2 and torch.equal(r.logprobs[:, 2:], plain.logprobs)
     with pytest.raises(ValueError, match="no room"):
         generate(tiny, tok, prompts, 2, greedy=True, prefixes=pre)
