@@ -6,19 +6,22 @@ each run a plain command of this repo:
     python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs "accuracy,no_thinking(delta=0.15)" \
         --scale-rewards none --out runs/adapt/aware-sS
     python grpo.py ... (as aware) --mode-prefixes "[Easy]|[Hard]" --rollout-correction tis --out runs/adapt/adaptthink-sS
+    python grpo.py ... (as adaptthink, with no_thinking(delta=0.05)) --out runs/adapt/adaptthink-d05-sS
 
 aware: AdaptThink's objective, accuracy + delta for an empty think, with Dr. GRPO's unscaled advantages
 (with std scaling, a group of right answers that differ only by delta gets advantages of +-1, so the bonus
 would outweigh accuracy on every easy-looking prompt instead of delta's worth). adaptthink: the same with
 AdaptThink's importance sampling, half of every group forced into each mode, so the choice is learned even
-where the cold start hardly ever skips thinking.
+where the cold start hardly ever skips thinking. delta sets the trade: NoThinking wins where its accuracy
+is within delta of thinking's, so a smaller delta skips less and loses less.
 
 Then on the 500 held-out problems, greedy: accuracy, mean completion length, length and accuracy by
 difficulty (easy: no carry; hard: a carry), the thinking rate, and the same with the mode forced in the
 prompt (" [Easy]" / " [Hard]"), and on free prompts with the completion pre-filled with "[Easy]" (the
 direct answers the policy gives when it picks NoThinking itself); each run's numbers are kept in its directory (adapt_measure.json).
 
-    python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--sft-steps 2000] [--threads 2] [--out runs/adapt] [--plot docs/adapt_curves.svg]
+    python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--sft-steps 2000] [--threads 2] [--out runs/adapt]
+                               [--runs plain aware adaptthink adaptthink-d05] [--plot docs/adapt_curves.svg]
 """
 import argparse
 import json
@@ -39,7 +42,9 @@ def run(args, threads):
 
 RUNS = {"plain": ["--reward-funcs", "accuracy"],
         "aware": ["--reward-funcs", "accuracy,no_thinking(delta=0.15)", "--scale-rewards", "none"]}
-RUNS["adaptthink"] = RUNS["aware"] + ["--mode-prefixes", "[Easy]|[Hard]", "--rollout-correction", "tis"]
+IS = ["--scale-rewards", "none", "--mode-prefixes", "[Easy]|[Hard]", "--rollout-correction", "tis"]
+RUNS["adaptthink"] = RUNS["aware"][:2] + IS
+RUNS["adaptthink-d05"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.05)"] + IS   # AdaptThink's own delta
 
 
 def measure(model_dir, n=500):
@@ -73,13 +78,13 @@ def measure(model_dir, n=500):
     return out
 
 
-def plot(out, seeds, path):
+def plot(out, seeds, path, name):
     """Held-out greedy accuracy, thinking rate and mean length / 40 tokens at every --eval-every step (the
-    runs' result.json), mean over seeds: plain (dashed) against adaptthink (solid). The training batch's
+    runs' result.json), mean over seeds: plain (dashed) against run `name` (solid). The training batch's
     thinking/* would show adaptthink's forced half-and-half, not the policy's own choice."""
     from demo_table import svg_curve
     series = []
-    for name, dashed in (("plain", True), ("adaptthink", False)):
+    for name, dashed in (("plain", True), (name, False)):
         hist = [json.load(open(os.path.join(out, f"{name}-s{s}", "result.json")))["history"] for s in seeds]
         steps = min(len(h) for h in hist)
         mean = lambda key, k: statistics.mean(h[k][key] for h in hist)
@@ -100,6 +105,7 @@ def main():
     ap.add_argument("--sft-steps", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/adapt")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="the GRPO runs (plain first)")
     ap.add_argument("--measure-only", action="store_true", help="measure runs already in --out")
     ap.add_argument("--plot", default="", help="also draw the per-step curves into this .svg")
     a = ap.parse_args()
@@ -109,9 +115,10 @@ def main():
         common = ["--task", "adapt", "--seed", str(s)]
         if not a.measure_only:
             run(["sft.py", *common, "--steps", str(a.sft_steps), "--out", d("sft")], a.threads)
-            for name, extra in RUNS.items():
+            for name in a.runs:
+                extra = RUNS[name]
                 run(["grpo.py", *common, "--init", d("sft"), "--steps", str(a.steps), *extra, "--out", d(name)], a.threads)
-        table[s] = {name: measure(d(name)) for name in ("sft", *RUNS)}
+        table[s] = {name: measure(d(name)) for name in ("sft", *a.runs)}
         print(json.dumps({s: table[s]}), flush=True)
     keys = [("accuracy", "accuracy", 100), ("mean_length", "length", 1),
             ("thinking/accuracy/easy", "acc easy", 100), ("thinking/accuracy/hard", "acc hard", 100),
@@ -119,7 +126,7 @@ def main():
             ("thinking/rate", "thinks", 100)]
     print("\n| run (mode) | " + " | ".join(k[1] for k in keys) + " |")
     print("|---|" + "---|" * len(keys))
-    for name in ("sft", *RUNS):
+    for name in ("sft", *a.runs):
         for mode in ("free", "[Easy]", "[Hard]", "prefilled"):
             cells = []
             for k, _, scale in keys:
@@ -127,7 +134,7 @@ def main():
                 cells.append(f"{statistics.mean(vals):.1f} ({', '.join(f'{v:.1f}' for v in vals)})")
             print(f"| {name} ({mode}) | " + " | ".join(cells) + " |")
     free = lambda name, key: [table[s][name]["free"][key] for s in a.seeds]
-    for name in [n for n in RUNS if n != "plain"]:   # the targets: length -40% or more, accuracy within 1 point
+    for name in [n for n in a.runs if n != "plain"]:   # the targets: length -40% or more, accuracy within 1 point
         dl = [100 * (x / p - 1) for x, p in zip(free(name, "mean_length"), free("plain", "mean_length"))]
         da = [100 * (x - p) for x, p in zip(free(name, "accuracy"), free("plain", "accuracy"))]
         print(f"{name} vs plain, free prompts: length {statistics.mean(dl):+.1f}% ({', '.join(f'{v:+.1f}' for v in dl)}),"
@@ -135,7 +142,7 @@ def main():
     with open(os.path.join(a.out, "adapt_demo.json"), "w") as f:
         json.dump(table, f, indent=1)
     if a.plot:
-        plot(a.out, a.seeds, a.plot)
+        plot(a.out, a.seeds, a.plot, a.runs[-1])
 
 
 if __name__ == "__main__":
