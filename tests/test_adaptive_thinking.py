@@ -159,6 +159,7 @@ def test_mode_prefixes_teach_a_mode_the_policy_never_samples(tmp_path, tok):
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert all(r["rewards/toy_rewards:opens_easy/mean"] == 0.5 for r in rows)   # exactly half of every group
 
+    @torch.no_grad()
     def preference(model):   # mean over prompts of log pi(E | prompt, '[') - log pi(H | prompt, '[')
         E_, H_, B_ = (tok.convert_tokens_to_ids(c) for c in "EH[")
         ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": q}]) + [B_] for q in ("12+34", "56+78")])
