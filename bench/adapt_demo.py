@@ -6,7 +6,7 @@ each run a plain command of this repo:
     python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs "accuracy,no_thinking(delta=0.15)" \
         --scale-rewards none --out runs/adapt/aware-sS
     python grpo.py ... (as aware) --mode-prefixes "[Easy]|[Hard]" --rollout-correction tis --out runs/adapt/adaptthink-sS
-    python grpo.py ... (as adaptthink, with no_thinking(delta=0.05)) --out runs/adapt/adaptthink-d05-sS
+    python grpo.py ... (as adaptthink, with no_thinking(delta=0.1), then 0.05) --out runs/adapt/adaptthink-d10-sS, -d05-sS
 
 aware: AdaptThink's objective, accuracy + delta for an empty think, with Dr. GRPO's unscaled advantages
 (with std scaling, a group of right answers that differ only by delta gets advantages of +-1, so the bonus
@@ -21,7 +21,7 @@ prompt (" [Easy]" / " [Hard]"), and on free prompts with the completion pre-fill
 direct answers the policy gives when it picks NoThinking itself); each run's numbers are kept in its directory (adapt_measure.json).
 
     python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--sft-steps 2000] [--threads 2] [--out runs/adapt]
-                               [--runs plain aware adaptthink adaptthink-d05] [--plot docs/adapt_curves.svg]
+                               [--runs plain aware adaptthink adaptthink-d10 adaptthink-d05] [--plot docs/adapt_curves.svg]
 """
 import argparse
 import json
@@ -44,6 +44,7 @@ RUNS = {"plain": ["--reward-funcs", "accuracy"],
         "aware": ["--reward-funcs", "accuracy,no_thinking(delta=0.15)", "--scale-rewards", "none"]}
 IS = ["--scale-rewards", "none", "--mode-prefixes", "[Easy]|[Hard]", "--rollout-correction", "tis"]
 RUNS["adaptthink"] = RUNS["aware"][:2] + IS
+RUNS["adaptthink-d10"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.1)"] + IS
 RUNS["adaptthink-d05"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.05)"] + IS   # AdaptThink's own delta
 
 
