@@ -18,7 +18,10 @@ is within delta of thinking's, so a smaller delta skips less and loses less.
 Then on the 500 held-out problems, greedy: accuracy, mean completion length, length and accuracy by
 difficulty (easy: no carry; hard: a carry), the thinking rate, and the same with the mode forced in the
 prompt (" [Easy]" / " [Hard]"), and on free prompts with the completion pre-filled with "[Easy]" (the
-direct answers the policy gives when it picks NoThinking itself); each run's numbers are kept in its directory (adapt_measure.json).
+direct answers the policy gives when it picks NoThinking itself); and the router (the log-odds of [Easy]
+against [Hard] at the token where they part, as a classifier of the bucket: its AUC and the fewest routing
+errors any threshold on it gives, the limit no delta can beat); each run's numbers are kept in its
+directory (adapt_measure.json).
 
     python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--sft-steps 2000] [--threads 2] [--out runs/adapt]
                                [--runs plain aware adaptthink adaptthink-d10 adaptthink-d05] [--plot docs/adapt_curves.svg]
@@ -48,18 +51,54 @@ RUNS["adaptthink-d10"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.1)"] +
 RUNS["adaptthink-d05"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.05)"] + IS   # AdaptThink's own delta
 
 
+def separation(easy, hard):
+    """How well scores s separate easy (should be high) from hard problems: auc = P(s_easy > s_hard) over
+    all (easy, hard) pairs (ties 1/2); errors_greedy = easy with s <= 0 + hard with s > 0; errors_best = the
+    fewest any threshold t gives (easy with s <= t + hard with s > t)."""
+    errors = lambda t: sum(x <= t for x in easy) + sum(y > t for y in hard)
+    return {"auc": sum((x > y) + 0.5 * (x == y) for x in easy for y in hard) / (len(easy) * len(hard)),
+            "errors_greedy": errors(0.0), "errors_best": min(errors(t) for t in [min(easy + hard) - 1] + easy + hard),
+            "n_easy": len(easy), "n_hard": len(hard)}
+
+
+def router(model, tok, rows):
+    """The policy's first choice as a classifier, whatever threshold greedy decoding puts on it: s = log
+    pi(E | prompt, "[") - log pi(H | prompt, "["), at the token where [Easy] and [Hard] part, per held-out
+    problem -> separation(). errors_best is the router's own limit: no delta can route better."""
+    import torch
+    from data import encode_prompt
+    import rewards
+    model.eval()
+    e, h = (tok(t, add_special_tokens=False).input_ids for t in (rewards.EASY_TAG, rewards.HARD_TAG))
+    i = next(k for k in range(len(e)) if e[k] != h[k])
+    score = {"easy": [], "hard": []}
+    with torch.no_grad():
+        for r in rows:
+            lp = model(torch.tensor([encode_prompt(tok, r["prompt"]) + e[:i]])).logits[0, -1].float().log_softmax(-1)
+            score[r["difficulty"]].append((lp[e[i]] - lp[h[i]]).item())
+    return separation(score["easy"], score["hard"])
+
+
 def measure(model_dir, n=500):
-    """Greedy held-out completions, free and with each mode forced -> {mode: metrics}, kept in model_dir."""
+    """Greedy held-out completions, free and with each mode forced -> {mode: metrics}, and the router's
+    separation (router()), kept in model_dir."""
     path = os.path.join(model_dir, "adapt_measure.json")
+    out = {}
     if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(os.path.join(model_dir, "model.safetensors")):
-        return json.load(open(path))
+        out = json.load(open(path))
+        if "router" in out:
+            return out
     import evaluate as E
     import rewards
     from data import encode_prompt
     from model import load
     from rollout import generate
     model, tok = load(model_dir)
-    out = {}
+    if out:                                  # measured before the router was: add it
+        out["router"] = router(model, tok, E.builtin_rows("adapt", n))
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+        return out
     for force in ("", " [Easy]", " [Hard]"):
         rows = E.builtin_rows("adapt", n)
         for r in rows:
@@ -74,6 +113,7 @@ def measure(model_dir, n=500):
     comps = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
     correct = E.score(rewards.accuracy_reward, rows, comps)
     out["prefilled"] = {"accuracy": sum(correct) / n, **E.thinking(rows, comps, correct, tok)}
+    out["router"] = router(model, tok, rows)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     return out
@@ -97,7 +137,7 @@ def plot(out, seeds, path, name):
     svg_curve(series, path)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=50)
@@ -109,7 +149,7 @@ def main():
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="the GRPO runs (plain first)")
     ap.add_argument("--measure-only", action="store_true", help="measure runs already in --out")
     ap.add_argument("--plot", default="", help="also draw the per-step curves into this .svg")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     table = {}
     for s in a.seeds:
         d = lambda name: os.path.join(a.out, f"{name}-s{s}")
@@ -140,6 +180,12 @@ def main():
         da = [100 * (x - p) for x, p in zip(free(name, "accuracy"), free("plain", "accuracy"))]
         print(f"{name} vs plain, free prompts: length {statistics.mean(dl):+.1f}% ({', '.join(f'{v:+.1f}' for v in dl)}),"
               f" accuracy {statistics.mean(da):+.1f} points ({', '.join(f'{v:+.1f}' for v in da)})")
+    for name in ("sft", *a.runs):   # the router's limit: routing errors in n_easy + n_hard problems
+        r = lambda key: [table[s][name]["router"][key] for s in a.seeds]
+        print(f"{name} router: auc {statistics.mean(r('auc')):.4f} ({', '.join(f'{v:.4f}' for v in r('auc'))}),"
+              f" routing errors greedy {', '.join(map(str, r('errors_greedy')))}, best threshold"
+              f" {', '.join(map(str, r('errors_best')))} (of {table[a.seeds[0]][name]['router']['n_easy']}"
+              f" easy + {table[a.seeds[0]][name]['router']['n_hard']} hard)")
     with open(os.path.join(a.out, "adapt_demo.json"), "w") as f:
         json.dump(table, f, indent=1)
     if a.plot:
