@@ -7,13 +7,15 @@ each run a plain command of this repo:
         --scale-rewards none --out runs/adapt/aware-sS
     python grpo.py ... (as aware) --mode-prefixes "[Easy]|[Hard]" --rollout-correction tis --out runs/adapt/adaptthink-sS
     python grpo.py ... (as adaptthink, with no_thinking(delta=0.1), then 0.05) --out runs/adapt/adaptthink-d10-sS, -d05-sS
+    python grpo.py ... --reward-funcs accuracy,budget_tag --reward-weights 1,0.5 --out runs/adapt/adactrl-sS
 
 aware: AdaptThink's objective, accuracy + delta for an empty think, with Dr. GRPO's unscaled advantages
 (with std scaling, a group of right answers that differ only by delta gets advantages of +-1, so the bonus
 would outweigh accuracy on every easy-looking prompt instead of delta's worth). adaptthink: the same with
 AdaptThink's importance sampling, half of every group forced into each mode, so the choice is learned even
 where the cold start hardly ever skips thinking. delta sets the trade: NoThinking wins where its accuracy
-is within delta of thinking's, so a smaller delta skips less and loses less.
+is within delta of thinking's, so a smaller delta skips less and loses less. adactrl: AdaCtrl's difficulty
+calibration instead, the tag paid for matching the group's accuracy (budget_tag, weight 0.5 as in its runs).
 
 Then on the 500 held-out problems, greedy: accuracy, mean completion length, length and accuracy by
 difficulty (easy: no carry; hard: a carry), the thinking rate, and the same with the mode forced in the
@@ -24,7 +26,7 @@ errors any threshold on it gives, the limit no delta can beat); each run's numbe
 directory (adapt_measure.json).
 
     python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--sft-steps 2000] [--threads 2] [--out runs/adapt]
-                               [--runs plain aware adaptthink adaptthink-d10 adaptthink-d05] [--plot docs/adapt_curves.svg]
+                               [--runs plain aware adaptthink adaptthink-d10 adaptthink-d05 adactrl] [--plot docs/adapt_curves.svg]
 """
 import argparse
 import json
@@ -49,6 +51,7 @@ IS = ["--scale-rewards", "none", "--mode-prefixes", "[Easy]|[Hard]", "--rollout-
 RUNS["adaptthink"] = RUNS["aware"][:2] + IS
 RUNS["adaptthink-d10"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.1)"] + IS
 RUNS["adaptthink-d05"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.05)"] + IS   # AdaptThink's own delta
+RUNS["adactrl"] = ["--reward-funcs", "accuracy,budget_tag", "--reward-weights", "1,0.5"]  # AdaCtrl's tag weight
 
 
 def separation(easy, hard):
@@ -148,7 +151,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/adapt")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="the GRPO runs (plain first)")
     ap.add_argument("--measure-only", action="store_true", help="measure runs already in --out")
-    ap.add_argument("--plot", default="", help="also draw the per-step curves into this .svg")
+    ap.add_argument("--plot", default="", help="also draw the per-step curves (plain against the last of --runs) into this .svg")
     a = ap.parse_args(argv)
     table = {}
     for s in a.seeds:
