@@ -136,6 +136,8 @@ def test_opened_rollout_is_the_prefix_then_what_generate_writes_after_it(tiny):
     assert [tok.decode(c[:2]) for c in r.completion_ids] == ["[E", "[H"]
     assert torch.equal(r.completion_mask[:, 2:], plain.completion_mask) and r.completion_mask[:, :2].eq(1).all()
     assert r.loss_mask[:, :2].tolist() == [[0.0, 1.0]] * 2        # '[' was certain: out of the loss; E / H chosen
+    # bitwise: opened() runs this very generate call on prompt + prefix (same code, same shapes), and the
+    # mask is 0 / 1 from the sampled ids, not a float result
     assert torch.equal(r.loss_mask[:, 2:], plain.loss_mask)
     assert r.logprobs[:, :2].tolist() == [[0.0, -0.5]] * 2 and torch.equal(r.logprobs[:, 2:], plain.logprobs)
     with pytest.raises(ValueError, match="no room"):
