@@ -23,7 +23,7 @@ GRPO step: grpo.py on the same shape (random weights saved to a temporary direct
 character tokenizer; the model's extra vocabulary decodes to nothing), prompts written to JSONL from
 the built-in addition task, 32 prompts x 8 completions, 256 new tokens, beta 0.04 (so the reference
 log-probs are computed; old log-probs are skipped on-policy at num_iterations 1), bf16. Reported per
-rollout engine: the median over steps 2.. of time/rollout, time/logprobs, time/train from
+rollout engine: the median step of steps 2.. (by step_time) and its time/rollout, time/logprobs, time/train from
 metrics.jsonl, step 1 (which includes the capture) apart, and the peak GPU memory.
 """
 import argparse
@@ -172,8 +172,8 @@ def grpo_steps(shape, device, dtype, engines, steps, num_prompts, G, T, workdir)
         with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
             ms = [json.loads(line) for line in f]
         later = ms[1:] or ms
-        med = {k: statistics.median(m[k] for m in later) for k in ("step_time", "time/rollout", "time/logprobs",
-                                                                     "time/train")}
+        # the median step and its own phases (medians taken phase by phase need not add up to a step)
+        med = sorted(later, key=lambda m: m["step_time"])[len(later) // 2]
         row = dict(kind="grpo_step", engine=engine, B=num_prompts * G, T=T, steps=len(ms),
                    first_step_s=round(ms[0]["step_time"], 2), step_s=round(med["step_time"], 3),
                    rollout_s=round(med["time/rollout"], 3), logprobs_s=round(med["time/logprobs"], 3),

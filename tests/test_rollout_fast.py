@@ -435,5 +435,6 @@ def test_bench_rollout_gpu_tiny_runs_on_cpu(capsys):
     steps = [r for r in rows if r["kind"] == "grpo_step"]
     assert [r["engine"] for r in steps] == ["simple", "static"]
     for r in steps:
-        assert r["B"] == 4 and r["rollout_s"] + r["logprobs_s"] + r["train_s"] <= r["step_s"] + 1e-3
+        # the four times are each rounded to 1 ms, so the three phases may sum to 4 x 0.5 ms above the step
+        assert r["B"] == 4 and r["rollout_s"] + r["logprobs_s"] + r["train_s"] <= r["step_s"] + 2e-3 + 1e-9
         assert r["logprobs_s"] > 0          # beta 0.04: the reference log-probs are computed
