@@ -153,10 +153,12 @@ def make_adapt(rng, easy_share=0.8, think_easy=0.6, forced_share=0.0):
     """3-digit a + b where difficulty is the carries: an easy problem has none (each digit of the sum is
     two digits added, which the tiny model can answer at once), a hard one has one or more (answering at
     once means carrying in its head: the scratchpad is the difference). Columns: difficulty (easy|hard,
-    the bucket of the per-difficulty metrics) and carries. The teacher thinks on every hard problem and on
-    think_easy of the easy ones: a cold start that wastes its scratchpad on easy problems, as a long-CoT
-    model does. With forced_share, that share of prompts end with a tag the teacher obeys (sft.py's traces:
-    COLD_START); RL and the held-out set use free prompts only."""
+    the bucket of the per-difficulty metrics) and carries. The trace opens with AdaCtrl's budget tag, the
+    true bucket ([Easy] / [Hard]), then thinks or not: the teacher thinks on every hard problem and on
+    think_easy of the easy ones, after their [Easy] too: a cold start that wastes its scratchpad on easy
+    problems, as a long-CoT model does, while its tag already says which ones could go without. With
+    forced_share, that share of prompts end with a tag the teacher obeys, [Easy] answering at once and
+    [Hard] thinking (sft.py's traces: COLD_START); RL and the held-out set use free prompts only."""
     hard = rng.random() >= easy_share
     while True:
         a, b = rng.randint(100, 999), rng.randint(100, 999)
@@ -166,8 +168,9 @@ def make_adapt(rng, easy_share=0.8, think_easy=0.6, forced_share=0.0):
     if rng.random() < forced_share:
         forced = rng.choice((EASY_TAG, HARD_TAG))
     think = forced == HARD_TAG if forced else (hard or rng.random() < think_easy)
+    tag = forced or (HARD_TAG if hard else EASY_TAG)
     scratchpad = addition_trace(a, b)
-    trace = HARD_TAG + scratchpad if think else EASY_TAG + "<think></think>" + scratchpad.split("</think>")[1]
+    trace = tag + (scratchpad if think else "<think></think>" + scratchpad.split("</think>")[1])
     return Problem(f"{question} {forced}" if forced else question, str(a + b), trace,
                    {"difficulty": "hard" if hard else "easy", "carries": carries(a, b)}, question)
 
@@ -179,8 +182,10 @@ TASKS = {"add": make_addition, "add2": lambda rng: make_addition(rng, digits=2),
 # scratchpad on ~10% of the hard problems only, and thinking that does not pay is what RL then drops; and
 # half the easy ones answered at once, because the direct answer is learned suddenly, on some seeds only:
 # with 30% easy problems, 60% of them thought through, two seeds of three answered a forced [Easy] right on
-# 6% and 18% of the easy problems (then NoThinking never pays in RL); the README's table shows what these
-# shares give (its "pre-filled [Easy]" rows: the direct answers on free prompts)
+# 6% and 18% of the easy problems (then NoThinking never pays in RL). The tag is the true bucket, not the
+# mode: when [Hard] meant "thinks", the wasted easy traces taught a tag that is a coin flip on easy problems,
+# and the first token routed 14-23 of 500 held-out problems wrong at any threshold, on every seed and RL
+# run (README, "Adaptive thinking"); the README's table shows what these shares give
 COLD_START = {"adapt": lambda rng: make_adapt(rng, easy_share=0.5, think_easy=0.5, forced_share=0.3)}
 HELD_OUT_SEED = 1_000_003  # one fixed evaluation set for every run and every seed
 

@@ -5,6 +5,7 @@ each run a plain command of this repo:
     python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs accuracy --out runs/adapt/plain-sS
     python grpo.py --task adapt --init runs/adapt/sft-sS --seed S --steps N --reward-funcs "accuracy,no_thinking(delta=0.15)" \
         --scale-rewards none --out runs/adapt/aware-sS
+    python grpo.py ... (as aware, with no_thinking(delta=0.1)) --out runs/adapt/aware-d10-sS
     python grpo.py ... (as aware) --mode-prefixes "[Easy]|[Hard]" --rollout-correction tis --out runs/adapt/adaptthink-sS
     python grpo.py ... (as adaptthink, with no_thinking(delta=0.1), then 0.05) --out runs/adapt/adaptthink-d10-sS, -d05-sS
     python grpo.py ... --reward-funcs accuracy,budget_tag --reward-weights 1,0.5 --out runs/adapt/adactrl-sS
@@ -12,21 +13,22 @@ each run a plain command of this repo:
 aware: AdaptThink's objective, accuracy + delta for an empty think, with Dr. GRPO's unscaled advantages
 (with std scaling, a group of right answers that differ only by delta gets advantages of +-1, so the bonus
 would outweigh accuracy on every easy-looking prompt instead of delta's worth). adaptthink: the same with
-AdaptThink's importance sampling, half of every group forced into each mode, so the choice is learned even
-where the cold start hardly ever skips thinking. delta sets the trade: NoThinking wins where its accuracy
+AdaptThink's importance sampling, half of every group forced to open with each tag, so the choice is
+learned even where the cold start hardly ever picks one (here the tag is the budget, and the think that
+follows it is still the policy's own). delta sets the trade: NoThinking wins where its accuracy
 is within delta of thinking's, so a smaller delta skips less and loses less. adactrl: AdaCtrl's difficulty
 calibration instead, the tag paid for matching the group's accuracy (budget_tag, weight 0.5 as in its runs).
 
 Then on the 500 held-out problems, greedy: accuracy, mean completion length, length and accuracy by
 difficulty (easy: no carry; hard: a carry), the thinking rate, and the same with the mode forced in the
-prompt (" [Easy]" / " [Hard]"), and on free prompts with the completion pre-filled with "[Easy]" (the
-direct answers the policy gives when it picks NoThinking itself); and the router (the log-odds of [Easy]
-against [Hard] at the token where they part, as a classifier of the bucket: its AUC and the fewest routing
-errors any threshold on it gives, the limit no delta can beat); each run's numbers are kept in its
+prompt (" [Easy]" / " [Hard]"), and on free prompts with the completion pre-filled with
+"[Easy]<think></think>" (the direct answers the policy gives when it skips thinking itself); and the router
+(the log-odds of [Easy] against [Hard] at the token where they part, as a classifier of the bucket: its
+AUC and the fewest routing errors any threshold on it gives); each run's numbers are kept in its
 directory (adapt_measure.json).
 
     python bench/adapt_demo.py [--seeds 0 1 2] [--steps 50] [--sft-steps 2000] [--threads 2] [--out runs/adapt]
-                               [--runs plain aware adaptthink adaptthink-d10 adaptthink-d05 adactrl] [--plot docs/adapt_curves.svg]
+                               [--runs plain aware aware-d10 adaptthink adaptthink-d10 adaptthink-d05 adactrl] [--plot docs/adapt_curves.svg]
 """
 import argparse
 import json
@@ -48,6 +50,7 @@ def run(args, threads):
 RUNS = {"plain": ["--reward-funcs", "accuracy"],
         "aware": ["--reward-funcs", "accuracy,no_thinking(delta=0.15)", "--scale-rewards", "none"]}
 IS = ["--scale-rewards", "none", "--mode-prefixes", "[Easy]|[Hard]", "--rollout-correction", "tis"]
+RUNS["aware-d10"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.1)", "--scale-rewards", "none"]
 RUNS["adaptthink"] = RUNS["aware"][:2] + IS
 RUNS["adaptthink-d10"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.1)"] + IS
 RUNS["adaptthink-d05"] = ["--reward-funcs", "accuracy,no_thinking(delta=0.05)"] + IS   # AdaptThink's own delta
@@ -109,8 +112,9 @@ def measure(model_dir, n=500):
         comps = E.complete(model, tok, rows, 1, 48, 1.0, 250, greedy=True)
         correct = E.score(rewards.accuracy_reward, rows, comps)
         out[force.strip() or "free"] = {"accuracy": sum(correct) / n, **E.thinking(rows, comps, correct, tok)}
-    # NoThinking on free prompts: the completion pre-filled with [Easy] (what the policy gets when it picks it)
-    pre, rows = tok(rewards.EASY_TAG, add_special_tokens=False).input_ids, E.builtin_rows("adapt", n)
+    # NoThinking on free prompts: the completion pre-filled with [Easy]<think></think> (what the policy
+    # answers when it skips thinking itself, whatever its tag)
+    pre, rows = tok(rewards.EASY_TAG + "<think></think>", add_special_tokens=False).input_ids, E.builtin_rows("adapt", n)
     roll = generate(model, tok, [encode_prompt(tok, r["prompt"]) for r in rows], 48, greedy=True,
                     prefixes=[(pre, [0.0] * len(pre))] * n)
     comps = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)

@@ -63,7 +63,8 @@ def test_separation_by_hand():
 
 def test_measure_modes_and_cache(tmp_path, monkeypatch):
     """On a (random) tiny model: the four modes, each on the same n problems; "prefilled" completions all
-    open with [Easy] (the pre-filled tag is part of the completion, so the tag rate is exactly 1); a second call reads the cache and generates nothing."""
+    open with [Easy]<think></think> (the pre-filled tokens are part of the completion, so the tag and skip rates
+    are exactly 1, the thinking rate exactly 0); a second call reads the cache and generates nothing."""
     model, tok = M.load("tiny")
     CK.save(model, tok, str(tmp_path / "m"))
     demo = load_demo()
@@ -71,7 +72,8 @@ def test_measure_modes_and_cache(tmp_path, monkeypatch):
     assert set(out) == {"free", "[Easy]", "[Hard]", "prefilled", "router"}
     assert out["router"]["n_easy"] + out["router"]["n_hard"] == 8
     assert out["router"]["errors_best"] <= out["router"]["errors_greedy"] and 0.0 <= out["router"]["auc"] <= 1.0
-    assert out["prefilled"]["thinking/tag_rate/easy"] == 1.0
+    assert out["prefilled"]["thinking/tag_rate/easy"] == out["prefilled"]["thinking/skip_rate"] == 1.0
+    assert out["prefilled"]["thinking/rate"] == 0.0
     for k, m in out.items():
         assert k == "router" or 0.0 <= m["accuracy"] <= 1.0 and 1.0 <= m["mean_length"] <= 48 + 1
 

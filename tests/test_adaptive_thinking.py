@@ -17,9 +17,11 @@ def test_carries_by_hand():
 
 
 def test_adapt_problems_and_cold_start_traces():
-    """Free problems: easy ones have no carry, hard ones one or more; the answer is right, the trace opens with
-    the tag of its mode; the cold start draws 50% hard problems (so the scratchpad is learned), forces a mode in
-    ~30% of prompts, and the teacher obeys it. Shares from 1,000-2,000 draws: binomial std <= 1.5%, bands ~3.5 std."""
+    """Free problems: easy ones have no carry, hard ones one or more; the answer is right; the trace opens with
+    the true bucket's tag (AdaCtrl's), then an empty think or the scratchpad: every hard problem and ~60% of the
+    easy ones think. The cold start draws 50% hard problems (so the scratchpad is learned), forces a tag in ~30%
+    of prompts, and the teacher obeys it, tag and mode. Shares from 1,000-2,000 draws: binomial std <= 1.6%,
+    bands ~3.5 std."""
     rng = random.Random(0)
     free = [rewards.make_adapt(rng) for _ in range(2000)]
     for p in free:
@@ -27,19 +29,19 @@ def test_adapt_problems_and_cold_start_traces():
         assert p.answer == str(a + b) and p.question == p.prompt
         assert (p.columns["difficulty"] == "easy") == (rewards.carries(a, b) == 0) == (p.columns["carries"] == 0)
         assert rewards.accuracy_reward(None, [p.trace], answer=[p.answer]) == [1.0]
-        if p.trace.startswith("[Easy]"):
-            assert p.trace == f"[Easy]<think></think><answer>{a + b}</answer>" and p.columns["difficulty"] == "easy"
-        else:
-            assert p.trace == "[Hard]" + rewards.addition_trace(a, b)
+        tag = "[Easy]" if p.columns["difficulty"] == "easy" else "[Hard]"
+        assert p.trace in (f"{tag}<think></think><answer>{a + b}</answer>", tag + rewards.addition_trace(a, b))
+        assert p.columns["difficulty"] == "easy" or "<think></think>" not in p.trace
     easy = [p for p in free if p.columns["difficulty"] == "easy"]
     assert 0.77 < len(easy) / len(free) < 0.83                                   # easy_share 0.8
-    assert 0.56 < sum(p.trace.startswith("[Hard]") for p in easy) / len(easy) < 0.64  # think_easy 0.6
+    assert 0.56 < sum("<think></think>" not in p.trace for p in easy) / len(easy) < 0.64  # think_easy 0.6
     cold = [rewards.COLD_START["adapt"](random.Random(i)) for i in range(1000)]
     forced = [p for p in cold if p.prompt != p.question]
     assert 0.25 < len(forced) / len(cold) < 0.35
     assert 0.45 < sum(p.columns["difficulty"] == "easy" for p in cold) / len(cold) < 0.55   # cold start: 50% hard
     free_easy = [p for p in cold if p.prompt == p.question and p.columns["difficulty"] == "easy"]
-    assert 0.4 < sum(p.trace.startswith("[Easy]") for p in free_easy) / len(free_easy) < 0.6  # half answered at once
+    assert all(p.trace.startswith("[Easy]") for p in free_easy)
+    assert 0.4 < sum("<think></think>" in p.trace for p in free_easy) / len(free_easy) < 0.6  # half answered at once
     for p in forced:
         tag = p.prompt[len(p.question) + 1:]
         assert tag in ("[Easy]", "[Hard]") and p.trace.startswith(tag)
